@@ -1,0 +1,100 @@
+"""Our optional `manifest.json` beside PEFT's files: which base, which task, labels, metrics, hashes.
+
+A stock PEFT folder has no manifest and still loads; when a manifest is present its file hashes
+are checked, so a half-copied or edited folder is caught before it is served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from adapters.errors import AdapterFormatError
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_VERSION = 1
+TASKS = ("completion", "classification")
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What PEFT's config does not say about an adapter."""
+
+    task: str
+    base_name: str
+    base_fingerprint: str
+    method: str = "lora"
+    labels: tuple[str, ...] = ()
+    metrics: dict[str, Any] = field(default_factory=dict)
+    train_config: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    created_at: str = ""
+    format_version: int = MANIFEST_VERSION
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise AdapterFormatError(f"manifest task must be one of {TASKS}, got {self.task!r}")
+        if self.format_version > MANIFEST_VERSION:
+            raise AdapterFormatError(
+                f"manifest format_version {self.format_version} is newer than this build understands"
+            )
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["labels"] = list(self.labels)
+        return json.dumps(data, indent=2, sort_keys=True)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: Path) -> Manifest | None:
+    """The folder's manifest, or None for a stock PEFT folder. Raises AdapterFormatError if unreadable."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.exists():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AdapterFormatError(f"{MANIFEST_FILE} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise AdapterFormatError(f"{MANIFEST_FILE} must hold a JSON object")
+    known = set(Manifest.__dataclass_fields__)
+    try:
+        fields = {k: v for k, v in raw.items() if k in known}
+        fields["labels"] = tuple(fields.get("labels") or ())
+        return Manifest(**fields)
+    except TypeError as exc:
+        raise AdapterFormatError(f"{MANIFEST_FILE} is missing fields: {exc}") from exc
+
+
+def check_file_hashes(folder: Path, manifest: Manifest) -> None:
+    """Raise AdapterFormatError if a file listed in the manifest is missing or changed."""
+    for name, expected in manifest.files.items():
+        path = Path(folder) / name
+        if not path.is_file():
+            raise AdapterFormatError(f"file {name!r} listed in {MANIFEST_FILE} is missing")
+        if sha256_file(path) != expected:
+            raise AdapterFormatError(f"file {name!r} does not match its hash in {MANIFEST_FILE}")
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
+    """Hash every file in `folder` (but the manifest) into the manifest and write it. Returns what was written."""
+    folder = Path(folder)
+    files = {
+        p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_FILE
+    }
+    created = manifest.created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    final = Manifest(**{**asdict(manifest), "files": files, "created_at": created, "labels": manifest.labels})
+    (folder / MANIFEST_FILE).write_text(final.to_json())
+    return final

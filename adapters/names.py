@@ -1,0 +1,28 @@
+"""Adapter names: the `model` field of a request, and a folder name in the store."""
+
+import re
+
+from adapters.errors import AdapterNameError
+
+MAX_NAME_LENGTH = 128
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def validate_adapter_name(name: str) -> str:
+    """Return `name` if it is safe as a model id and a folder name, else raise AdapterNameError.
+
+    Allowed: letters, digits, '.', '_', '-', starting with a letter or digit; no path separators,
+    no '..', at most MAX_NAME_LENGTH characters.
+    """
+    if not isinstance(name, str) or not name:
+        raise AdapterNameError("adapter name must be a non-empty string")
+    if len(name) > MAX_NAME_LENGTH:
+        raise AdapterNameError(f"adapter name is longer than {MAX_NAME_LENGTH} characters")
+    if ".." in name or "/" in name or "\\" in name:
+        raise AdapterNameError(f"adapter name {name!r} must not contain path separators or '..'")
+    if not _NAME_RE.match(name):
+        raise AdapterNameError(
+            f"adapter name {name!r} may only use letters, digits, '.', '_' and '-', "
+            "and must start with a letter or digit"
+        )
+    return name
