@@ -1,0 +1,1 @@
+"""The serving side: one frozen base, many adapters, OpenAI-style HTTP."""

@@ -1,0 +1,1 @@
+"""HTTP layer: one APIRouter per concern, the app factory and its lifespan."""

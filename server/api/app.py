@@ -1,0 +1,65 @@
+"""The app factory: everything heavy is built in the lifespan; tests build their own app."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request
+
+from adapters import resolve_base
+from server.api import routes_admin, routes_classify, routes_generate, routes_ops
+from server.api.errors import install_error_handlers
+from server.api.state import AppState
+from server.auth import establish_admin_token
+from server.config import ServerConfig
+from server.engine.backend import choose_backend
+from server.engine.base_model import BaseModel, load_base
+from server.metrics import Metrics
+from server.registry import AdapterRegistry
+
+log = logging.getLogger(__name__)
+
+
+def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState:
+    """Load the base (unless given), register the start-up adapters, establish the admin token."""
+    if base is None:
+        backend = choose_backend(config.device, config.dtype, config.quant)
+        base = load_base(resolve_base(config.base, config.cache_dir), backend)
+    metrics = Metrics()
+    registry = AdapterRegistry(base, config.max_adapters)
+    for name, path in config.adapters.items():
+        registry.add(name, path)
+    metrics.adapters_loaded.set(registry.ready_count())
+    token = establish_admin_token(config.admin_token, config.state_dir, config.port)
+    served = config.served_name or base.prepared.name
+    return AppState(config=config, base=base, registry=registry, metrics=metrics, admin_token=token, served_name=served)
+
+
+def create_app(config: ServerConfig, base: BaseModel | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.loraplex = build_state(config, base)
+        yield
+        app.state.loraplex = None
+
+    app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    for module in (routes_generate, routes_classify, routes_admin, routes_ops):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        state: AppState | None = getattr(request.app.state, "loraplex", None)
+        route = request.scope.get("route")
+        if state is not None and route is not None and route.path != "/metrics":
+            label = getattr(request.state, "adapter_label", "")
+            state.metrics.requests.labels(route.path, str(response.status_code), label).inc()
+            state.metrics.request_latency.labels(route.path, label).observe(time.perf_counter() - started)
+        return response
+
+    return app

@@ -1,0 +1,45 @@
+"""POST /v1/classify {model, input: str | [str]} -> {data: [{index, label, probs}], usage}."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from server.api.errors import ApiError
+from server.api.schemas import ClassifyItem, ClassifyRequest, ClassifyResponse, Usage
+from server.api.state import State
+from server.engine.classify import classify_texts
+
+router = APIRouter(tags=["classification"])
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse)
+async def classify(body: ClassifyRequest, request: Request, state: State) -> ClassifyResponse:
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts:
+        raise ApiError(400, "input must hold at least one text")
+    if len(texts) > state.config.max_classify_batch:
+        raise ApiError(400, f"at most {state.config.max_classify_batch} inputs per request")
+    if any(not t for t in texts):
+        raise ApiError(400, "inputs must not be empty strings")
+    adapter = state.resolve_model(body.model)
+    request.state.adapter_label = state.metrics.adapter_label(adapter.name if adapter else None)
+    if adapter is None:
+        raise ApiError(400, f"the base {body.model!r} has no classification head; name a classification adapter")
+    if adapter.task != "classification":
+        raise ApiError(400, f"adapter {body.model!r} is a {adapter.task} adapter; use /v1/completions")
+    max_length = state.config.classify_max_length
+    tokens = sum(len(ids[:max_length]) for ids in state.base.tokenizer(texts)["input_ids"])
+
+    def run():
+        with state.engine_lock:
+            return classify_texts(state.base, texts, adapter, max_length)
+
+    results = await run_in_threadpool(run)
+    state.metrics.classified_inputs.labels(request.state.adapter_label).inc(len(texts))
+    state.metrics.prompt_tokens.labels(request.state.adapter_label).inc(tokens)
+    return ClassifyResponse(
+        model=body.model,
+        data=[ClassifyItem(index=i, label=r.label, probs=r.probs) for i, r in enumerate(results)],
+        usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
+    )

@@ -1,0 +1,43 @@
+"""GET /v1/models, /health, /ready, /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.api.schemas import ModelCard, ModelList
+from server.api.state import State
+from server.registry import AdapterState
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(state: State) -> ModelList:
+    base_task = "completion" if state.base.can_generate else "classification"
+    cards = [ModelCard(id=state.served_name, created=state.started_at, root=str(state.base.prepared.path), task=base_task)]
+    for entry in state.registry.entries():
+        if entry.state is AdapterState.READY and entry.adapter is not None:
+            cards.append(ModelCard(
+                id=entry.name, created=state.started_at, root=str(entry.source), parent=state.served_name,
+                task=entry.adapter.task,
+            ))
+    return ModelList(data=cards)
+
+
+@router.get("/health")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> Response:
+    state = getattr(request.app.state, "loraplex", None)
+    if state is None:
+        return Response('{"status": "starting"}', status_code=503, media_type="application/json")
+    return Response('{"status": "ready"}', media_type="application/json")
+
+
+@router.get("/metrics")
+async def metrics(state: State) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

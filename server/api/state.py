@@ -1,0 +1,59 @@
+"""The app's state (the only state there is), built in the lifespan, reached through dependencies."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from server.api.errors import ApiError
+from server.config import ServerConfig
+from server.engine.base_model import BaseModel
+from server.engine.loaded import LoadedAdapter
+from server.metrics import Metrics
+from server.registry import AdapterRegistry
+
+
+@dataclass
+class AppState:
+    config: ServerConfig
+    base: BaseModel
+    registry: AdapterRegistry
+    metrics: Metrics
+    admin_token: str
+    served_name: str
+    # Requests run one at a time on the engine (continuous batching replaces this lock).
+    engine_lock: threading.Lock = field(default_factory=threading.Lock)
+    started_at: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def max_model_len(self) -> int:
+        return min(self.config.max_model_len, self.base.context_length)
+
+    def resolve_model(self, model: str) -> LoadedAdapter | None:
+        """None for the base's own name; the adapter otherwise (404 / 409 raised by the registry)."""
+        return None if model == self.served_name else self.registry.resolve(model)
+
+
+def get_state(request: Request) -> AppState:
+    state = getattr(request.app.state, "loraplex", None)
+    if state is None:
+        raise ApiError(503, "server is starting", "unavailable_error")
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]
+
+
+def require_admin(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
+    """Admin routes need `Authorization: Bearer <token>`; compared in constant time."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not token or not secrets.compare_digest(token.strip(), state.admin_token):
+        raise ApiError(401, "admin token missing or wrong", "authentication_error", {"WWW-Authenticate": "Bearer"})
+
+
+Admin = Depends(require_admin)

@@ -1,0 +1,60 @@
+"""ServerConfig: the one config object of the serving side, and the only reader of os.environ there."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from adapters import validate_adapter_name
+
+DEFAULT_PORT = 8000
+ENV_CACHE = "LORAPLEX_CACHE"
+ENV_STATE = "LORAPLEX_STATE"
+ENV_ADMIN_TOKEN = "LORAPLEX_ADMIN_TOKEN"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(ENV_CACHE, Path.home() / ".cache" / "loraplex"))
+
+
+def default_state_dir() -> Path:
+    """Where the admin token file lives: per user, readable only by them (the CLI finds it here)."""
+    return Path(os.environ.get(ENV_STATE, Path.home() / ".local" / "state" / "loraplex"))
+
+
+def env_admin_token() -> str | None:
+    return os.environ.get(ENV_ADMIN_TOKEN) or None
+
+
+class ServerConfig(BaseModel):
+    """Everything `server serve` is told; built once, read by the app factory and the engine."""
+
+    model_config = ConfigDict(frozen=True)
+
+    base: str = Field("smollm2-135m", description="embedded base name, local HF folder or .gguf file")
+    host: str = "127.0.0.1"
+    port: int = Field(DEFAULT_PORT, ge=0, le=65535)
+    adapters: dict[str, str] = Field(default_factory=dict, description="adapters loaded at start: name -> folder")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    quant: Literal["none", "int8", "int4"] = "none"
+    max_model_len: int = Field(2048, gt=0, description="prompt + completion tokens per request, at most")
+    max_tokens_limit: int = Field(1024, gt=0, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(64, gt=0)
+    max_classify_batch: int = Field(64, gt=0, description="most inputs in one /v1/classify request")
+    classify_max_length: int = Field(256, gt=0, description="tokens per classification input (truncated)")
+    max_adapters: int = Field(256, gt=0, description="most adapters registered at once")
+    admin_token: str | None = Field(default_factory=env_admin_token, repr=False)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    state_dir: Path = Field(default_factory=default_state_dir)
+    served_name: str | None = Field(None, description="model id of the base in /v1/models; default: base name")
+
+    @field_validator("adapters")
+    @classmethod
+    def _names_are_safe(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            validate_adapter_name(name)
+        return value

@@ -1,0 +1,93 @@
+"""Load the frozen base once and make it adapter-ready.
+
+A causal LM base serves completions (and decoder-style classification adapters); an encoder base
+(BERT and friends) serves classification. Every nn.Linear is wrapped in a LoraLinear so any adapter,
+loaded now or later, applies per request without touching the base weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from adapters import BaseSignature, PreparedBase
+from server.engine.backend import Backend
+from server.engine.loaded import LoadedAdapter
+from server.engine.lora_layer import ActiveAdapters, wrap_linears
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BaseModel:
+    """The frozen base, its tokenizer and the shared per-row adapter state of its LoRA layers."""
+
+    prepared: PreparedBase
+    model: nn.Module  # the task model (`...ForCausalLM` or `...ForSequenceClassification`)
+    backbone: nn.Module  # the transformer without its head
+    tokenizer: transformers.PreTrainedTokenizerBase
+    backend: Backend
+    signature: BaseSignature
+    active: ActiveAdapters
+    can_generate: bool
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 512))
+
+    @contextlib.contextmanager
+    def adapters_for_rows(self, rows: list[LoadedAdapter | None]) -> Iterator[None]:
+        """Within the block, batch row i runs with rows[i]'s LoRA weights (None: the base alone)."""
+        self.active.set_rows(rows, self.backend.device)
+        try:
+            yield
+        finally:
+            self.active.clear()
+
+
+def load_base(prepared: PreparedBase, backend: Backend) -> BaseModel:
+    config = AutoConfig.from_pretrained(prepared.path)
+    can_generate = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.is_encoder_decoder
+    model_cls = AutoModelForCausalLM if can_generate else AutoModelForSequenceClassification
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the unused placeholder head of an encoder is not news
+    try:
+        model = model_cls.from_pretrained(prepared.path, dtype=backend.dtype)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    model.to(backend.device).eval().requires_grad_(False)
+    signature = BaseSignature.of(model, prepared.name, prepared.fingerprint)
+    backbone = getattr(model, model.base_model_prefix)
+    active = ActiveAdapters()
+    wrapped = wrap_linears(model, active)
+    tokenizer = AutoTokenizer.from_pretrained(prepared.path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    log.info(
+        "base %s loaded (%s, %d linear layers adapter-ready, %s on %s)",
+        prepared.name, type(model).__name__, len(wrapped), backend.dtype, backend.device,
+    )
+    return BaseModel(
+        prepared=prepared, model=model, backbone=backbone, tokenizer=tokenizer, backend=backend,
+        signature=signature, active=active, can_generate=can_generate,
+    )
+
+
+@torch.inference_mode()
+def pooled_features(base: BaseModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] token ids -> [B, hidden]: the pooler output where the backbone has one (BERT), else the
+    hidden state of the last non-padding token (decoder classification, as HF's ...ForSequenceClassification)."""
+    out = base.backbone(input_ids=input_ids, attention_mask=attention_mask)
+    pooled = getattr(out, "pooler_output", None)
+    if pooled is not None:
+        return pooled
+    last = attention_mask.sum(dim=1) - 1  # right padding: index of each row's last real token
+    return out.last_hidden_state[torch.arange(input_ids.shape[0], device=input_ids.device), last]

@@ -1,0 +1,69 @@
+"""An adapter as the engine holds it: weights on the serving device and dtype, head, labels, version.
+
+A request keeps a reference to the LoadedAdapter it was admitted with, so replacing an adapter
+under the same name never changes the weights a running request decodes with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adapters import AdapterFolder, AdapterMismatchError, LoraWeights
+
+HEAD_MODULES = ("classifier", "score")  # BERT-style and decoder-style sequence-classification heads
+
+
+@dataclass(frozen=True)
+class ClassificationHead:
+    """logits = pooled @ weight.T + bias; weight [num_labels, hidden]."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedAdapter:
+    name: str
+    version: int
+    task: str
+    source: Path
+    rank: int
+    lora: dict[str, LoraWeights]
+    head: ClassificationHead | None = None
+    metadata: dict = field(default_factory=dict)
+
+
+def load_adapter(name: str, version: int, folder: AdapterFolder, device: torch.device, dtype: torch.dtype) -> LoadedAdapter:
+    """Move a validated adapter's tensors to the serving device/dtype and build its head, if any."""
+    lora = {
+        module: LoraWeights(a=w.a.to(device=device, dtype=dtype), b=w.b.to(device=device, dtype=dtype), scaling=w.scaling)
+        for module, w in folder.lora.items()
+    }
+    head = _head(folder, device, dtype) if folder.task == "classification" else None
+    ranks = {w.rank for w in lora.values()}
+    return LoadedAdapter(
+        name=name, version=version, task=folder.task, source=folder.path, rank=max(ranks), lora=lora, head=head,
+        metadata={"metrics": folder.manifest.metrics if folder.manifest else {}},
+    )
+
+
+def _head(folder: AdapterFolder, device: torch.device, dtype: torch.dtype) -> ClassificationHead:
+    for module in HEAD_MODULES:
+        weight = folder.extra.get(f"{module}.weight")
+        if weight is not None and weight.dim() == 2:
+            bias = folder.extra.get(f"{module}.bias")
+            num_labels = weight.shape[0]
+            labels = folder.labels if len(folder.labels) == num_labels else tuple(f"LABEL_{i}" for i in range(num_labels))
+            return ClassificationHead(
+                weight=weight.to(device=device, dtype=dtype),
+                bias=bias.to(device=device, dtype=dtype) if bias is not None else None,
+                labels=labels,
+            )
+    raise AdapterMismatchError(
+        f"classification adapter has no linear head ({' or '.join(m + '.weight' for m in HEAD_MODULES)} "
+        "saved via modules_to_save)"
+    )
