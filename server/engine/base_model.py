@@ -16,7 +16,7 @@ import torch
 import transformers
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from adapters import BaseSignature, PreparedBase
 from server.engine.backend import Backend
@@ -55,7 +55,7 @@ class BaseModel:
 
 def load_base(prepared: PreparedBase, backend: Backend) -> BaseModel:
     config = AutoConfig.from_pretrained(prepared.path)
-    can_generate = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not config.is_encoder_decoder
+    can_generate = is_decoder_only(config)
     model_cls = AutoModelForCausalLM if can_generate else AutoModelForSequenceClassification
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the unused placeholder head of an encoder is not news
@@ -79,6 +79,14 @@ def load_base(prepared: PreparedBase, backend: Backend) -> BaseModel:
         prepared=prepared, model=model, backbone=backbone, tokenizer=tokenizer, backend=backend,
         signature=signature, active=active, can_generate=can_generate,
     )
+
+
+def is_decoder_only(config) -> bool:
+    """Llama-style bases generate; BERT-style bases (which also have an LM-head class, for masked LM
+    checkpoints turned decoder) classify unless their config says they are decoders."""
+    if config.is_encoder_decoder or config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return False
+    return bool(config.is_decoder) or config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 @torch.inference_mode()

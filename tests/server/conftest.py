@@ -1,0 +1,105 @@
+"""Server fixtures: tiny PEFT adapters (random, non-zero B) on the tiny bases, and apps built on them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from peft import LoraConfig, TaskType, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from adapters import PreparedBase
+from adapters.fingerprint import fingerprint_base_folder
+from server.api.app import create_app
+from server.config import ServerConfig
+from server.engine.backend import Backend
+from server.engine.base_model import BaseModel, load_base
+
+CPU_FP32 = Backend(torch.device("cpu"), torch.float32)
+
+
+def make_causal_adapter(base_dir: Path, out: Path, seed: int, r: int, targets: list[str], **extra) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **extra)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # PEFT's random init is tiny on a tiny model; make the delta matter
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def make_classifier_adapter(base_dir: Path, out: Path, seed: int, num_labels: int, r: int = 4) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=num_labels)
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=r, lora_alpha=8, target_modules=["query", "value"],
+                        init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_adapters(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> dict[str, Path]:
+    """Two completion adapters of different ranks and target sets (one rsLoRA) on the tiny Llama."""
+    root = tmp_path_factory.mktemp("tiny-adapters")
+    return {
+        "alpha": make_causal_adapter(tiny_llama_dir, root / "alpha", 1, 4, ["q_proj", "v_proj"]),
+        "beta": make_causal_adapter(tiny_llama_dir, root / "beta", 2, 8, ["q_proj", "k_proj", "o_proj", "down_proj"],
+                                    use_rslora=True),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_classifiers(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-classifiers")
+    return {
+        "two": make_classifier_adapter(tiny_bert_dir, root / "two", 3, 2),
+        "three": make_classifier_adapter(tiny_bert_dir, root / "three", 4, 3),
+    }
+
+
+def _prepared(folder: Path) -> PreparedBase:
+    return PreparedBase(folder.name, folder, fingerprint_base_folder(folder))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_base(tiny_llama_dir: Path) -> BaseModel:
+    return load_base(_prepared(tiny_llama_dir), CPU_FP32)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_base(tiny_bert_dir: Path) -> BaseModel:
+    return load_base(_prepared(tiny_bert_dir), CPU_FP32)
+
+
+@pytest.fixture
+def llama_client(tmp_path: Path, tiny_llama_base: BaseModel, tiny_adapters: dict[str, Path]):
+    config = ServerConfig(
+        base=str(tiny_llama_base.prepared.path), served_name="tiny", adapters={"alpha": str(tiny_adapters["alpha"])},
+        state_dir=tmp_path / "state", admin_token="test-token", max_model_len=256, max_tokens_limit=64,
+    )
+    with TestClient(create_app(config, base=tiny_llama_base)) as client:
+        yield client
+
+
+@pytest.fixture
+def bert_client(tmp_path: Path, tiny_bert_base: BaseModel, tiny_classifiers: dict[str, Path]):
+    config = ServerConfig(
+        base=str(tiny_bert_base.prepared.path), served_name="tiny-bert",
+        adapters={name: str(path) for name, path in tiny_classifiers.items()},
+        state_dir=tmp_path / "state", admin_token="test-token",
+    )
+    with TestClient(create_app(config, base=tiny_bert_base)) as client:
+        yield client
+
+
+ADMIN = {"Authorization": "Bearer test-token"}

@@ -1,0 +1,114 @@
+"""HTTP completions/chat on the tiny Llama: outputs, streaming, and every bad input answered cleanly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+BAD_REQUESTS = [
+    ({"model": "nope", "prompt": "hi"}, 404),
+    ({"model": "alpha", "prompt": ""}, 400),
+    ({"model": "alpha", "prompt": "hi", "max_tokens": 0}, 400),
+    ({"model": "alpha", "prompt": "hi", "max_tokens": 65}, 400),  # above max_tokens_limit
+    ({"model": "alpha", "prompt": "hi", "temperature": -0.5}, 400),
+    ({"model": "alpha", "prompt": "hi", "top_p": 0}, 400),
+    ({"model": "alpha", "prompt": "hi", "n": 2}, 400),
+    ({"model": "alpha", "prompt": ["a", "b"]}, 400),
+    ({"model": "alpha", "prompt": "word " * 300}, 400),  # longer than max_model_len
+    ({"model": "alpha", "prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400),
+    ({"model": "alpha"}, 400),
+    ({"prompt": "hi"}, 400),
+]
+
+
+def _complete(client, model="alpha", **fields):
+    body = {"model": model, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0, **fields}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_completion_from_base_and_adapter(llama_client):
+    base = _complete(llama_client, "tiny", ignore_eos=True)
+    adapted = _complete(llama_client, "alpha", ignore_eos=True)
+    assert base["object"] == "text_completion"
+    assert base["usage"]["completion_tokens"] == 6 == adapted["usage"]["completion_tokens"]
+    assert base["choices"][0]["finish_reason"] == "length"
+    assert base["choices"][0]["text"] != adapted["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("body,status", BAD_REQUESTS)
+def test_bad_requests_get_clear_errors_and_server_keeps_serving(llama_client, body, status):
+    response = llama_client.post("/v1/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["code"] == status
+    _complete(llama_client)
+
+
+def test_malformed_json_is_400(llama_client):
+    response = llama_client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert "JSON" in response.json()["error"]["message"]
+    _complete(llama_client)
+
+
+def test_chat_completion_uses_chat_template(llama_client):
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4, "temperature": 0}
+    response = llama_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["object"] == "chat.completion"
+    assert data["choices"][0]["message"]["role"] == "assistant"
+    assert data["usage"]["prompt_tokens"] > 10  # the template's system prompt is there
+    bad = llama_client.post("/v1/chat/completions", json={**body, "messages": []})
+    assert bad.status_code == 400
+    bad_role = llama_client.post("/v1/chat/completions", json={**body, "messages": [{"role": "x", "content": "y"}]})
+    assert bad_role.status_code == 400
+
+
+def _sse_events(text: str) -> list[str]:
+    return [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions"])
+def test_streaming_equals_non_streaming(llama_client, route):
+    body = {"model": "alpha", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    if route.endswith("chat/completions"):
+        body["messages"] = [{"role": "user", "content": "tell me a story"}]
+    else:
+        body["prompt"] = "Once upon a time"
+    full = llama_client.post(route, json=body).json()
+    response = llama_client.post(route, json={**body, "stream": True, "stream_options": {"include_usage": True}})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = _sse_events(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    usage = chunks[-1]["usage"]
+    if route.endswith("chat/completions"):
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        expected = full["choices"][0]["message"]["content"]
+    else:
+        text = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        expected = full["choices"][0]["text"]
+    assert text == expected
+    assert usage == full["usage"]
+
+
+def test_models_lists_base_and_adapters_with_parent(llama_client):
+    data = llama_client.get("/v1/models").json()["data"]
+    by_id = {m["id"]: m for m in data}
+    assert by_id["tiny"]["parent"] is None
+    assert by_id["alpha"]["parent"] == "tiny"
+
+
+def test_health_ready_metrics(llama_client):
+    assert llama_client.get("/health").json() == {"status": "ok"}
+    assert llama_client.get("/ready").status_code == 200
+    _complete(llama_client)
+    text = llama_client.get("/metrics").text
+    assert 'loraplex_requests_total{adapter="alpha",route="/v1/completions",status="200"}' in text
+    assert 'loraplex_generation_tokens_total{adapter="alpha"}' in text
+    assert "loraplex_adapters_loaded 1.0" in text
