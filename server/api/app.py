@@ -59,7 +59,8 @@ def create_app(config: ServerConfig, base: BaseModel | None = None) -> FastAPI:
         if state is not None and route is not None and route.path != "/metrics":
             label = getattr(request.state, "adapter_label", "")
             state.metrics.requests.labels(route.path, str(response.status_code), label).inc()
-            state.metrics.request_latency.labels(route.path, label).observe(time.perf_counter() - started)
+            if not getattr(request.state, "latency_recorded_by_route", False):
+                state.metrics.request_latency.labels(route.path, label).observe(time.perf_counter() - started)
         return response
 
     return app

@@ -124,7 +124,10 @@ def _run_locked(state: AppState, job: GenerationJob) -> Iterator[TextDelta]:
 async def _respond(state: AppState, job: GenerationJob, body: SamplingFields, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(state, job, include_usage), media_type="text/event-stream")
+        # The middleware would time only the response headers; the stream records its own end-to-end latency.
+        request.state.latency_recorded_by_route = True
+        latency = state.metrics.request_latency.labels(request.scope["route"].path, request.state.adapter_label)
+        return StreamingResponse(_sse(state, job, include_usage, latency), media_type="text/event-stream")
     deltas = await run_in_threadpool(lambda: list(_run_locked(state, job)))
     text = "".join(d.text for d in deltas)
     completion_tokens = sum(1 for d in deltas if not _is_eos(d))
@@ -143,7 +146,7 @@ async def _respond(state: AppState, job: GenerationJob, body: SamplingFields, re
     }
 
 
-async def _sse(state: AppState, job: GenerationJob, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(state: AppState, job: GenerationJob, include_usage: bool, latency) -> AsyncIterator[str]:
     created = int(time.time())
     kind = "chat.completion.chunk" if job.chat else "text_completion"
     gen = _run_locked(state, job)
@@ -179,3 +182,4 @@ async def _sse(state: AppState, job: GenerationJob, include_usage: bool) -> Asyn
         yield "data: [DONE]\n\n"
     finally:
         gen.close()
+        latency.observe(time.perf_counter() - job.started)
