@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 MAX_ADAPTER_LABELS = 100
 OTHER_ADAPTER = "__other__"
 NO_ADAPTER = "__base__"
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -36,6 +37,26 @@ class Metrics:
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
         self.generation_tokens = Counter("loraplex_generation_tokens", "Tokens generated", ["adapter"], registry=r)
         self.classified_inputs = Counter("loraplex_classified_inputs", "Texts classified", ["adapter"], registry=r)
+        self.inter_token_latency = Histogram(
+            "loraplex_inter_token_latency_seconds", "Time between consecutive generated tokens", ["adapter"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.e2e_latency = Histogram(
+            "loraplex_e2e_request_latency_seconds", "Generation request latency, submit to last token", ["adapter"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_time = Histogram(
+            "loraplex_request_queue_time_seconds", "Time a request waited before admission", ["adapter"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.running = Gauge("loraplex_num_requests_running", "Requests in the running batch", registry=r)
+        self.waiting = Gauge("loraplex_num_requests_waiting", "Requests waiting for admission", registry=r)
+        self.kv_cache_usage = Gauge("loraplex_kv_cache_usage_perc", "Fraction of KV cache slots' tokens in use",
+                                    registry=r)
+        self.batch_size = Histogram("loraplex_batch_size", "Sequences per batched forward", ["phase"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.step_latency = Histogram("loraplex_step_latency_seconds", "Time of one batched forward", ["phase"],
+                                      buckets=LATENCY_BUCKETS, registry=r)
         self.adapters_loaded = Gauge("loraplex_adapters_loaded", "Adapters ready to serve", registry=r)
         self.adapter_loads = Counter(
             "loraplex_adapter_loads", "Adapter load attempts by result", ["result"], registry=r
@@ -44,6 +65,11 @@ class Metrics:
             "loraplex_adapter_load_seconds", "Time to read, validate and load an adapter",
             buckets=LATENCY_BUCKETS, registry=r,
         )
+
+    def observe_step(self, phase: str, batch_size: int, seconds: float) -> None:
+        """Scheduler hook, once per batched forward."""
+        self.batch_size.labels(phase).observe(batch_size)
+        self.step_latency.labels(phase).observe(seconds)
 
     def adapter_label(self, name: str | None) -> str:
         """The label value for an adapter name, bounded to MAX_ADAPTER_LABELS distinct values."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from typing import AsyncIterator
 
@@ -17,6 +18,7 @@ from server.auth import establish_admin_token
 from server.config import ServerConfig
 from server.engine.backend import choose_backend
 from server.engine.base_model import BaseModel, load_base
+from server.engine.scheduler import Scheduler, SchedulerLimits
 from server.metrics import Metrics
 from server.registry import AdapterRegistry
 
@@ -35,15 +37,30 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
     metrics.adapters_loaded.set(registry.ready_count())
     token = establish_admin_token(config.admin_token, config.state_dir, config.port)
     served = config.served_name or base.prepared.name
-    return AppState(config=config, base=base, registry=registry, metrics=metrics, admin_token=token, served_name=served)
+    lock = threading.Lock()
+    scheduler = None
+    if base.can_generate:
+        limits = SchedulerLimits(
+            max_running=config.max_num_seqs, max_waiting=config.max_waiting,
+            max_len=min(config.max_model_len, base.context_length),
+            prefill_token_budget=config.max_num_batched_tokens, max_adapters_per_batch=config.max_loras,
+        )
+        scheduler = Scheduler(base, limits, lock, on_step=metrics.observe_step)
+    return AppState(config=config, base=base, registry=registry, metrics=metrics, admin_token=token,
+                    served_name=served, engine_lock=lock, scheduler=scheduler)
 
 
 def create_app(config: ServerConfig, base: BaseModel | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.loraplex = build_state(config, base)
+        state = build_state(config, base)
+        if state.scheduler is not None:
+            state.scheduler.start()
+        app.state.loraplex = state
         yield
         app.state.loraplex = None
+        if state.scheduler is not None:
+            state.scheduler.stop()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)

@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import ApiError
 from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.api.state import AppState, State
-from server.engine.generate import TextDelta, generate_tokens
+from server.engine.decode_state import TextDelta
 from server.engine.loaded import LoadedAdapter
 from server.engine.sampling import SamplingParams
+from server.engine.scheduler import GenerationRequest, QueueFullError
 
 router = APIRouter(tags=["generation"])
-_DONE = object()
+RETRY_AFTER_S = "1"
+DISCONNECT_POLL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -101,34 +104,19 @@ def _make_job(
     return GenerationJob(f"{prefix}-{uuid.uuid4().hex}", body.model, adapter, prompt_ids, params, chat, time.perf_counter())
 
 
-def _is_eos(delta: TextDelta) -> bool:
-    """The step that sampled an end-of-sequence token: it ends the request but is not completion text."""
-    return delta.eos
-
-
-def _run_locked(state: AppState, job: GenerationJob) -> Iterator[TextDelta]:
-    """The decode loop, holding the engine for its whole duration (released when the iterator closes)."""
-    with state.engine_lock:
-        label = state.metrics.adapter_label(job.adapter.name if job.adapter else None)
-        state.metrics.prompt_tokens.labels(label).inc(len(job.prompt_ids))
-        first = True
-        for delta in generate_tokens(state.base, job.prompt_ids, job.params, job.adapter):
-            if first:
-                state.metrics.time_to_first_token.labels(label).observe(time.perf_counter() - job.started)
-                first = False
-            if not _is_eos(delta):
-                state.metrics.generation_tokens.labels(label).inc()
-            yield delta
-
-
 async def _respond(state: AppState, job: GenerationJob, body: SamplingFields, request: Request):
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         # The middleware would time only the response headers; the stream records its own end-to-end latency.
         request.state.latency_recorded_by_route = True
         latency = state.metrics.request_latency.labels(request.scope["route"].path, request.state.adapter_label)
-        return StreamingResponse(_sse(state, job, include_usage, latency), media_type="text/event-stream")
-    deltas = await run_in_threadpool(lambda: list(_run_locked(state, job)))
+        submission = _Submission(state, job)
+        return StreamingResponse(_sse(submission, include_usage, latency), media_type="text/event-stream")
+    submission = _Submission(state, job)
+    try:
+        deltas = [d async for d in _until_disconnect(submission.deltas(), request)]
+    except GenerationFailed as exc:
+        raise ApiError(500, "generation failed", "server_error") from exc
     text = "".join(d.text for d in deltas)
     completion_tokens = sum(1 for d in deltas if not _is_eos(d))
     finish = deltas[-1].finish_reason if deltas else "length"
@@ -146,10 +134,88 @@ async def _respond(state: AppState, job: GenerationJob, body: SamplingFields, re
     }
 
 
-async def _sse(state: AppState, job: GenerationJob, include_usage: bool, latency) -> AsyncIterator[str]:
+def _is_eos(delta: TextDelta) -> bool:
+    """The step that sampled an end-of-sequence token: it ends the request but is not completion text."""
+    return delta.eos
+
+
+class _Submission:
+    """A request handed to the scheduler, and the asyncio queue its outputs arrive on."""
+
+    def __init__(self, state: AppState, job: GenerationJob) -> None:
+        if state.scheduler is None:
+            raise ApiError(400, f"base {state.served_name!r} does not generate")
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[TextDelta | BaseException] = asyncio.Queue()
+        self.state, self.job = state, job
+        self.label = state.metrics.adapter_label(job.adapter.name if job.adapter else None)
+        self.request = GenerationRequest(
+            job.prompt_ids, job.params, job.adapter,
+            emit=lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item),
+        )
+        try:
+            state.scheduler.submit(self.request)
+        except QueueFullError as exc:
+            raise ApiError(429, f"server is busy: {exc}", "rate_limit_error", {"Retry-After": RETRY_AFTER_S}) from exc
+        state.metrics.prompt_tokens.labels(self.label).inc(len(job.prompt_ids))
+
+    async def deltas(self) -> AsyncIterator[TextDelta]:
+        """The request's deltas until it finishes; cancelling or closing this iterator frees its slot."""
+        metrics, last = self.state.metrics, None
+        try:
+            while True:
+                item = await self.queue.get()
+                if isinstance(item, BaseException):
+                    raise GenerationFailed() from item
+                now = time.perf_counter()
+                if last is None:
+                    metrics.time_to_first_token.labels(self.label).observe(now - self.job.started)
+                    if self.request.admitted is not None:
+                        metrics.queue_time.labels(self.label).observe(self.request.admitted - self.request.submitted)
+                else:
+                    metrics.inter_token_latency.labels(self.label).observe(now - last)
+                last = now
+                if not _is_eos(item):
+                    metrics.generation_tokens.labels(self.label).inc()
+                yield item
+                if item.finish_reason is not None:
+                    metrics.e2e_latency.labels(self.label).observe(now - self.job.started)
+                    return
+        finally:
+            self.request.cancel()
+
+
+class GenerationFailed(Exception):
+    """The scheduler failed this request's step (logged there); the client gets a 500 without details."""
+
+
+async def _until_disconnect(deltas: AsyncIterator[TextDelta], request: Request) -> AsyncIterator[TextDelta]:
+    """Pass deltas through; stop (and so free the request's slot) if the client has gone away."""
+    pending = asyncio.ensure_future(anext(deltas, None))
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=DISCONNECT_POLL_S)
+            if not done:
+                if await request.is_disconnected():
+                    return
+                continue
+            delta = pending.result()
+            if delta is None:
+                return
+            yield delta
+            pending = asyncio.ensure_future(anext(deltas, None))
+    finally:
+        pending.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pending
+        await deltas.aclose()
+
+
+async def _sse(submission: _Submission, include_usage: bool, latency) -> AsyncIterator[str]:
+    job = submission.job
     created = int(time.time())
     kind = "chat.completion.chunk" if job.chat else "text_completion"
-    gen = _run_locked(state, job)
+    gen = submission.deltas()
     completion_tokens = 0
 
     def chunk(choice: dict, usage: dict | None = None) -> str:
@@ -162,10 +228,7 @@ async def _sse(state: AppState, job: GenerationJob, include_usage: bool, latency
     try:
         if job.chat:
             yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-        while True:
-            delta = await run_in_threadpool(next, gen, _DONE)
-            if delta is _DONE:
-                break
+        async for delta in gen:
             if not _is_eos(delta):
                 completion_tokens += 1
             if not delta.text and delta.finish_reason is None:
@@ -180,6 +243,8 @@ async def _sse(state: AppState, job: GenerationJob, include_usage: bool, latency
                      "total_tokens": len(job.prompt_ids) + completion_tokens}
             yield chunk({}, usage)
         yield "data: [DONE]\n\n"
+    except GenerationFailed:
+        yield f"data: {json.dumps({'error': {'message': 'generation failed', 'type': 'server_error', 'code': 500}})}\n\n"
     finally:
-        gen.close()
+        await gen.aclose()
         latency.observe(time.perf_counter() - job.started)

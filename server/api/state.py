@@ -14,6 +14,7 @@ from server.api.errors import ApiError
 from server.config import ServerConfig
 from server.engine.base_model import BaseModel
 from server.engine.loaded import LoadedAdapter
+from server.engine.scheduler import Scheduler
 from server.metrics import Metrics
 from server.registry import AdapterRegistry
 
@@ -26,8 +27,9 @@ class AppState:
     metrics: Metrics
     admin_token: str
     served_name: str
-    # Requests run one at a time on the engine (continuous batching replaces this lock).
-    engine_lock: threading.Lock = field(default_factory=threading.Lock)
+    # Held for each forward: the scheduler's batched steps and classification share one model.
+    engine_lock: threading.Lock
+    scheduler: Scheduler | None  # continuous batching for generation; None on encoder bases
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @property

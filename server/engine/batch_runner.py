@@ -1,0 +1,61 @@
+"""One forward for many sequences at once, each at its own position, with its own adapter.
+
+Rows are right-padded to the longest query of the step; a 4D additive mask lets query t of row b see
+keys 0 .. starts[b]+t of its own slot only. Logits are taken at each row's last real token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.base_model import BaseModel
+from server.engine.kv_cache import SlotKVCache
+from server.engine.loaded import LoadedAdapter
+
+
+@dataclass(frozen=True)
+class RowInput:
+    slot: int
+    start: int  # tokens already in this slot's cache
+    tokens: list[int]  # new tokens of this step (the prompt at prefill, one token at decode)
+    adapter: LoadedAdapter | None
+
+
+class BatchRunner:
+    def __init__(self, base: BaseModel, num_slots: int, max_len: int) -> None:
+        if not base.can_generate:
+            raise ValueError("batched generation needs a causal LM base")
+        self.base = base
+        config = base.model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.cache = SlotKVCache(config.num_hidden_layers, num_slots, kv_heads, max_len, head_dim,
+                                 base.backend.dtype, base.backend.device)
+        self.lm_head = base.model.get_output_embeddings()
+        self.mask_value = torch.finfo(base.backend.dtype).min
+
+    @torch.inference_mode()
+    def forward(self, rows: list[RowInput]) -> torch.Tensor:
+        """-> logits [B, vocab] at each row's last new token."""
+        device = self.base.backend.device
+        query_len = max(len(r.tokens) for r in rows)
+        pad = self.base.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([r.tokens + [pad] * (query_len - len(r.tokens)) for r in rows], device=device)
+        starts = torch.tensor([r.start for r in rows], device=device)
+        slots = torch.tensor([r.slot for r in rows], device=device)
+        kv_len = self.cache.bind(slots, starts, query_len)
+        positions = starts[:, None] + torch.arange(query_len, device=device)  # [B, S]
+        keys = torch.arange(kv_len, device=device)
+        visible = keys[None, None, :] <= positions[:, :, None]  # [B, S, L]
+        mask = torch.zeros(visible.shape, dtype=self.base.backend.dtype, device=device)
+        mask = mask.masked_fill(~visible, self.mask_value)[:, None]  # [B, 1, S, L]
+        with self.base.adapters_for_rows([r.adapter for r in rows]):
+            hidden = self.base.backbone(
+                input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                cache_position=torch.arange(query_len, device=device), use_cache=True,
+            ).last_hidden_state  # [B, S, hidden]
+            last = torch.tensor([len(r.tokens) - 1 for r in rows], device=device)
+            final = hidden[torch.arange(len(rows), device=device), last]  # [B, hidden]
+            return self.lm_head(final[:, None]).squeeze(1)  # [B, vocab]

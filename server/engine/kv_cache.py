@@ -1,0 +1,60 @@
+"""A KV cache the scheduler manages: preallocated per layer as [num_slots, kv_heads, max_len, head_dim].
+
+Each running request owns one slot. HF's attention modules call `update(k, v, layer_idx)` (the Cache
+protocol); before every forward the runner `bind`s which slot and start position each batch row uses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class SlotKVCache:
+    def __init__(self, num_layers: int, num_slots: int, kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        shape = (num_slots, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self._slots: torch.Tensor | None = None
+        self._write_pos: torch.Tensor | None = None
+        self._kv_len = 0
+        self._contiguous = False
+
+    @property
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def bind(self, slots: torch.Tensor, starts: torch.Tensor, query_len: int) -> int:
+        """slots, starts: [B]. Row b writes positions starts[b] .. starts[b]+query_len-1 of slot slots[b].
+        Returns the key length L every row attends over (max end position)."""
+        self._slots = slots
+        self._write_pos = starts[:, None] + torch.arange(query_len, device=starts.device)  # [B, S]
+        self._kv_len = int((starts.max() + query_len).item())
+        if self._kv_len > self.max_len:
+            raise ValueError(f"sequence of {self._kv_len} tokens exceeds the KV cache length {self.max_len}")
+        # Rows in slots 0..B-1, in order: read a view of the cache instead of gathering a copy.
+        batch = slots.shape[0]
+        self._contiguous = bool(torch.equal(slots, torch.arange(batch, device=slots.device)))
+        return self._kv_len
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
+        """key, value: [B, kv_heads, S, head_dim] -> the full [B, kv_heads, L, head_dim] of each row's slot."""
+        slots, pos = self._slots, self._write_pos
+        k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
+        k_cache[slots[:, None], :, pos] = key.transpose(1, 2)  # indexed view is [B, S, kv_heads, head_dim]
+        v_cache[slots[:, None], :, pos] = value.transpose(1, 2)
+        if self._contiguous:
+            batch = slots.shape[0]
+            return k_cache[:batch, :, : self._kv_len], v_cache[:batch, :, : self._kv_len]
+        return k_cache[slots, :, : self._kv_len], v_cache[slots, :, : self._kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst` (keeps running rows compact)."""
+        for k_cache, v_cache in zip(self.keys, self.values):
+            k_cache[dst, :, :length] = k_cache[src, :, :length]
+            v_cache[dst, :, :length] = v_cache[src, :, :length]

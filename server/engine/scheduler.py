@@ -1,0 +1,205 @@
+"""Continuous batching: requests join and leave the running batch at every step.
+
+One background thread owns the model. Each step it (1) drops cancelled requests, (2) admits waiting
+requests under a slot budget, a prefill-token budget and an adapter budget, (3) prefills the admitted
+ones in one batched forward, and (4) decodes one token for every running request in one batched
+forward, whatever adapter each uses. Outputs go back through each request's `emit` callback.
+Running requests keep KV slots 0..n-1 in order, so the decode step reads the cache without a gather.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from server.engine.base_model import BaseModel
+from server.engine.batch_runner import BatchRunner, RowInput
+from server.engine.decode_state import DecodeState, TextDelta
+from server.engine.generate import eos_ids
+from server.engine.loaded import LoadedAdapter
+from server.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.05
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at its bound; the client should retry later (HTTP 429)."""
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_running: int = 16  # KV slots: requests decoding at once
+    max_waiting: int = 256  # bounded queue; beyond it submit() raises QueueFullError
+    max_len: int = 2048  # prompt + completion tokens per request (KV slot length)
+    prefill_token_budget: int = 2048  # prompt tokens prefilled in one step (a longer lone prompt still runs)
+    max_adapters_per_batch: int = 32  # distinct adapters in the running batch
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: LoadedAdapter | None  # pinned at submit: a replaced adapter does not change a running request
+    emit: Callable[[TextDelta | BaseException], None]  # called on the scheduler thread
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class _Running:
+    request: GenerationRequest
+    state: DecodeState
+    slot: int
+    length: int  # tokens in this slot's cache
+    next_token: int | None = None  # sampled, not yet in the cache
+
+
+@dataclass
+class SchedulerStats:
+    """Read by the metrics collector; written only by the scheduler thread."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_tokens: int = 0
+    kv_capacity: int = 0
+    steps: int = 0
+    batch_sizes: collections.Counter = field(default_factory=collections.Counter)
+
+
+class Scheduler:
+    def __init__(self, base: BaseModel, limits: SchedulerLimits, model_lock: threading.Lock,
+                 on_step: Callable[[str, int, float], None] | None = None) -> None:
+        self.base = base
+        self.model_lock = model_lock  # shared with other users of the model (classification)
+        self.limits = limits
+        self.runner = BatchRunner(base, limits.max_running, limits.max_len)
+        self.eos_ids = eos_ids(base)
+        self.on_step = on_step  # (phase, batch size, seconds): metrics hook
+        self.stats = SchedulerStats(kv_capacity=limits.max_running * limits.max_len)
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._running: list[_Running] = []
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="loraplex-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def submit(self, request: GenerationRequest) -> None:
+        if len(request.prompt_ids) + request.params.max_tokens > self.limits.max_len:
+            raise ValueError(f"prompt + max_tokens exceeds {self.limits.max_len} tokens")
+        with self._cond:
+            if len(self._waiting) >= self.limits.max_waiting:
+                raise QueueFullError(f"{len(self._waiting)} requests are waiting already")
+            self._waiting.append(request)
+            self.stats.waiting = len(self._waiting)
+            self._cond.notify()
+
+    # -- the loop (scheduler thread only) ------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._waiting and not self._running:
+                    self._cond.wait(IDLE_WAIT_S)
+                if self._stop:
+                    break
+                admitted = self._admit()
+            self._drop_cancelled()
+            if admitted:
+                self._run_phase("prefill", admitted, prefill=True)
+            decoding = [r for r in self._running if r.next_token is not None and not r.state.finished
+                        and r not in admitted]
+            if decoding:
+                self._run_phase("decode", decoding, prefill=False)
+            self._compact()
+            self.stats.steps += 1
+            self.stats.running = len(self._running)
+            self.stats.kv_tokens = sum(r.length for r in self._running)
+        for running in self._running:
+            running.request.emit(RuntimeError("server shutting down"))
+
+    def _admit(self) -> list[_Running]:
+        """Move waiting requests into free slots, FIFO, within the budgets (caller holds the lock)."""
+        admitted: list[_Running] = []
+        budget = self.limits.prefill_token_budget
+        adapters = {id(r.request.adapter) for r in self._running if r.request.adapter is not None}
+        while self._waiting and len(self._running) < self.limits.max_running:
+            request = self._waiting[0]
+            if request.cancelled:
+                self._waiting.popleft()
+                continue
+            cost = len(request.prompt_ids)
+            if admitted and cost > budget:
+                break
+            new_adapter = request.adapter is not None and id(request.adapter) not in adapters
+            if new_adapter and len(adapters) >= self.limits.max_adapters_per_batch:
+                break
+            self._waiting.popleft()
+            request.admitted = time.perf_counter()
+            if new_adapter:
+                adapters.add(id(request.adapter))
+            budget -= cost
+            state = DecodeState(request.params, self.base.tokenizer, self.eos_ids, self.base.backend.device)
+            running = _Running(request, state, slot=len(self._running), length=0)
+            self._running.append(running)
+            admitted.append(running)
+        self.stats.waiting = len(self._waiting)
+        return admitted
+
+    def _run_phase(self, phase: str, rows: list[_Running], prefill: bool) -> None:
+        started = time.perf_counter()
+        inputs = [
+            RowInput(r.slot, r.length, r.request.prompt_ids if prefill else [r.next_token], r.request.adapter)
+            for r in rows
+        ]
+        try:
+            with self.model_lock:
+                logits = self.runner.forward(inputs)
+        except Exception as exc:  # a failed step fails its requests, never the server
+            log.exception("%s step failed for %d requests", phase, len(rows))
+            for running in rows:
+                running.request.emit(exc)
+                running.state.finished = True
+                running.next_token = None
+            return
+        for running, row_inputs, row_logits in zip(rows, inputs, logits):
+            running.length += len(row_inputs.tokens)
+            delta = running.state.step(row_logits)
+            running.next_token = None if running.state.finished else delta.token_id
+            running.request.emit(delta)
+        if self.on_step is not None:
+            self.on_step(phase, len(rows), time.perf_counter() - started)
+
+    def _drop_cancelled(self) -> None:
+        for running in self._running:
+            if running.request.cancelled:
+                running.state.finished = True
+                running.next_token = None
+
+    def _compact(self) -> None:
+        """Free the slots of finished requests, moving the last running rows into the holes."""
+        alive = [r for r in self._running if not r.state.finished]
+        if len(alive) == len(self._running):
+            return
+        for new_slot, running in enumerate(alive):
+            if running.slot != new_slot:
+                self.runner.cache.move_slot(running.slot, new_slot, running.length)
+                running.slot = new_slot
+        self._running = alive
