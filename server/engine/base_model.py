@@ -22,6 +22,7 @@ from adapters import BaseSignature, PreparedBase
 from server.engine.backend import Backend
 from server.engine.loaded import LoadedAdapter
 from server.engine.lora_layer import ActiveAdapters, wrap_linears
+from server.engine.lora_slots import LoraSlots
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,14 @@ class BaseModel:
             self.active.clear()
 
 
-def load_base(prepared: PreparedBase, backend: Backend) -> BaseModel:
+LORA_KERNELS = ("stacked", "loop")
+
+
+def load_base(prepared: PreparedBase, backend: Backend, lora_kernel: str = "stacked", lora_slots: int = 32) -> BaseModel:
+    """Load, freeze and wrap the base. `lora_kernel`: "stacked" (LoraSlots, the fast path) or "loop"
+    (the reference); `lora_slots`: adapters resident on the device at once with the stacked kernel."""
+    if lora_kernel not in LORA_KERNELS:
+        raise ValueError(f"lora_kernel must be one of {LORA_KERNELS}")
     config = AutoConfig.from_pretrained(prepared.path)
     can_generate = is_decoder_only(config)
     model_cls = AutoModelForCausalLM if can_generate else AutoModelForSequenceClassification
@@ -66,14 +74,17 @@ def load_base(prepared: PreparedBase, backend: Backend) -> BaseModel:
     model.to(backend.device).eval().requires_grad_(False)
     signature = BaseSignature.of(model, prepared.name, prepared.fingerprint)
     backbone = getattr(model, model.base_model_prefix)
-    active = ActiveAdapters()
+    slots = None
+    if lora_kernel == "stacked":
+        slots = LoraSlots(lora_slots, dict(signature.linear_shapes), backend.device, backend.dtype)
+    active = ActiveAdapters(slots)
     wrapped = wrap_linears(model, active)
     tokenizer = AutoTokenizer.from_pretrained(prepared.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     log.info(
-        "base %s loaded (%s, %d linear layers adapter-ready, %s on %s)",
-        prepared.name, type(model).__name__, len(wrapped), backend.dtype, backend.device,
+        "base %s loaded (%s, %d linear layers adapter-ready, %s on %s, %s LoRA kernel)",
+        prepared.name, type(model).__name__, len(wrapped), backend.dtype, backend.device, lora_kernel,
     )
     return BaseModel(
         prepared=prepared, model=model, backbone=backbone, tokenizer=tokenizer, backend=backend,

@@ -1,8 +1,6 @@
 """LoRA on top of a frozen nn.Linear, chosen per batch row.
 
 The base matmul runs once for the whole batch; each row then gets the delta of its own adapter.
-This is the plain reference form (one small matmul pair per distinct adapter in the batch); the
-batched kernels of the multi-adapter engine are checked against it.
 """
 
 from __future__ import annotations
@@ -12,30 +10,73 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.engine.loaded import LoadedAdapter
+from server.engine.lora_slots import LoraSlots
 
 
 class ActiveAdapters:
     """Which adapter each batch row uses during the next forward; shared by every LoraLinear.
 
-    groups: (adapter, row indices [n]) for each distinct adapter; rows without adapter are absent.
+    Two kernels, chosen once at start-up: `loop` (the reference: one matmul pair per distinct adapter
+    in the batch, on its rows) and `stacked` (LoraSlots: two matmuls per module for any adapter mix).
     """
 
-    def __init__(self) -> None:
-        self.groups: list[tuple[LoadedAdapter, torch.Tensor | None]] = []
+    def __init__(self, slots: LoraSlots | None = None) -> None:
+        self.slots = slots
+        self.groups: list[tuple[LoadedAdapter, torch.Tensor | None]] = []  # loop kernel
+        self.row_mask: torch.Tensor | None = None  # stacked kernel: [B, 1, width]
+        self.width = 0
+        self.batch_slots: set[int] = set()
 
     def set_rows(self, rows: list[LoadedAdapter | None], device: torch.device) -> None:
-        """rows[i] is the adapter of batch row i (None: base only). A single shared adapter skips indexing."""
+        """rows[i] is the adapter of batch row i (None: base only)."""
         distinct = {id(a): a for a in rows if a is not None}
-        if len(distinct) == 1 and all(a is not None for a in rows):
-            self.groups = [(next(iter(distinct.values())), None)]
+        if not distinct:
+            self.clear()
             return
-        self.groups = [
-            (adapter, torch.tensor([i for i, a in enumerate(rows) if a is adapter], device=device))
-            for adapter in distinct.values()
-        ]
+        if self.slots is not None:
+            self._set_stacked(rows, list(distinct.values()), device)
+        elif len(distinct) == 1 and all(a is not None for a in rows):
+            self.groups = [(next(iter(distinct.values())), None)]
+        else:
+            self.groups = [
+                (adapter, torch.tensor([i for i, a in enumerate(rows) if a is adapter], device=device))
+                for adapter in distinct.values()
+            ]
+
+    def _set_stacked(self, rows: list[LoadedAdapter | None], adapters: list[LoadedAdapter],
+                     device: torch.device) -> None:
+        slot_of = self.slots.slots_for(adapters)
+        rank, self.width = self.slots.rank, self.slots.used_width()
+        mask = torch.zeros(len(rows), self.width, dtype=self.slots.dtype, device=device)
+        for row, adapter in enumerate(rows):
+            if adapter is not None:
+                slot = slot_of[id(adapter)]
+                mask[row, slot * rank:(slot + 1) * rank] = 1
+        self.row_mask = mask[:, None, :]
+        self.batch_slots = set(slot_of.values())
 
     def clear(self) -> None:
         self.groups = []
+        self.row_mask = None
+        self.batch_slots = set()
+
+    def apply(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out + this module's LoRA delta for every row. x: [B, S, in], out: [B, S, out]."""
+        if self.row_mask is not None:
+            stack = self.slots.stacks.get(name)
+            if stack is None or not (stack.slots & self.batch_slots):
+                return out
+            shrunk = (x @ stack.a_cat[:, : self.width]) * self.row_mask  # [B, S, width]
+            return out + shrunk @ stack.b_cat[: self.width]
+        for adapter, rows in self.groups:
+            weights = adapter.lora.get(name)
+            if weights is None:
+                continue
+            if rows is None:
+                out = out + F.linear(F.linear(x, weights.a), weights.b) * weights.scaling
+            else:
+                out = out.index_add(0, rows, F.linear(F.linear(x[rows], weights.a), weights.b) * weights.scaling)
+        return out
 
 
 class LoraLinear(nn.Module):
@@ -52,17 +93,8 @@ class LoraLinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: [B, S, in] -> out: [B, S, out]
-        out = self.base(x)
-        for adapter, rows in self.active.groups:
-            weights = adapter.lora.get(self.name)
-            if weights is None:
-                continue
-            if rows is None:
-                out = out + F.linear(F.linear(x, weights.a), weights.b) * weights.scaling
-            else:
-                out = out.index_add(0, rows, F.linear(F.linear(x[rows], weights.a), weights.b) * weights.scaling)
-        return out
+        # x: [B, S, in] -> [B, S, out]
+        return self.active.apply(self.name, x, self.base(x))
 
 
 def wrap_linears(model: nn.Module, active: ActiveAdapters) -> list[str]:

@@ -77,6 +77,12 @@ def tiny_llama_base(tiny_llama_dir: Path) -> BaseModel:
 
 
 @pytest.fixture(scope="session")
+def tiny_llama_base_loop(tiny_llama_dir: Path) -> BaseModel:
+    """The same base with the loop reference LoRA kernel (the default is the stacked kernel)."""
+    return load_base(_prepared(tiny_llama_dir), CPU_FP32, lora_kernel="loop")
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_base(tiny_bert_dir: Path) -> BaseModel:
     return load_base(_prepared(tiny_bert_dir), CPU_FP32)
 

@@ -24,7 +24,9 @@ def _loaded(name, path):
     return load_adapter(name, 1, read_adapter_folder(path), CPU_FP32.device, CPU_FP32.dtype)
 
 
-def test_mixed_batch_logits_match_peft_mixed_batch(tiny_llama_base, tiny_adapters, peft_model):
+@pytest.mark.parametrize("kernel", ["stacked", "loop"])
+def test_mixed_batch_logits_match_peft_mixed_batch(request, kernel, tiny_adapters, peft_model):
+    tiny_llama_base = request.getfixturevalue("tiny_llama_base" if kernel == "stacked" else "tiny_llama_base_loop")
     alpha, beta = _loaded("alpha", tiny_adapters["alpha"]), _loaded("beta", tiny_adapters["beta"])
     torch.manual_seed(0)
     ids = torch.randint(5, 1000, (4, 7))

@@ -1,0 +1,128 @@
+"""Device slots for adapters: per-module stacks that serve a whole mixed batch in two matmuls.
+
+For each target module the resident adapters' weights are concatenated along the rank axis:
+
+    a_cat: [in, n_slots * r_max]       column block s = A_s.T, zero-padded to r_max
+    b_cat: [n_slots * r_max, out]      row block s = scaling_s * B_s.T, zero-padded
+
+and a batch whose rows use slots `row_slot[b]` gets its LoRA delta as
+
+    delta = ((x @ a_cat) * row_mask) @ b_cat,   row_mask[b] = 1 on block row_slot[b], 0 elsewhere
+
+which equals, row by row, scaling * B(A(x)) of that row's adapter (the loop reference in lora_layer.py):
+every other block is multiplied by exact zeros. Cost: two matmuls per module whatever the adapter mix,
+no gathers. Slots are filled on demand and evicted least-recently-used among adapters not in the batch.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import torch
+
+from server.engine.loaded import LoadedAdapter
+
+
+@dataclass
+class _ModuleStack:
+    a_cat: torch.Tensor  # [in, n_slots * r_max]
+    b_cat: torch.Tensor  # [n_slots * r_max, out]
+    slots: set[int]  # slots whose adapter targets this module
+
+
+class LoraSlots:
+    def __init__(self, num_slots: int, shapes: dict[str, tuple[int, int]], device: torch.device,
+                 dtype: torch.dtype) -> None:
+        self.num_slots = num_slots
+        self.shapes = shapes  # module name -> (out, in)
+        self.device, self.dtype = device, dtype
+        self.rank = 0
+        self.stacks: dict[str, _ModuleStack] = {}
+        self._slot_of: collections.OrderedDict[int, int] = collections.OrderedDict()  # id(adapter) -> slot, LRU
+        self._adapter_in: list[LoadedAdapter | None] = [None] * num_slots
+        self.loads = 0
+        self.evictions = 0
+        self.hits = 0
+
+    @torch.inference_mode()  # stacks are inference tensors: always created and updated in this mode
+    def slots_for(self, adapters: list[LoadedAdapter]) -> dict[int, int]:
+        """Make every adapter resident (loading and evicting as needed) -> {id(adapter): slot}."""
+        if len(adapters) > self.num_slots:
+            raise ValueError(f"{len(adapters)} adapters in one batch, but only {self.num_slots} LoRA slots")
+        wanted = {id(a) for a in adapters}
+        result = {}
+        for adapter in adapters:
+            key = id(adapter)
+            if key in self._slot_of:
+                self._slot_of.move_to_end(key)
+                self.hits += 1
+            else:
+                self._slot_of[key] = self._load(adapter, self._free_slot(wanted))
+            result[key] = self._slot_of[key]
+        return result
+
+    def used_width(self) -> int:
+        """Columns of the stacks in use: up to the highest occupied slot."""
+        occupied = [s for s, a in enumerate(self._adapter_in) if a is not None]
+        return (max(occupied) + 1) * self.rank if occupied else 0
+
+    def _free_slot(self, keep: set[int]) -> int:
+        for slot, adapter in enumerate(self._adapter_in):
+            if adapter is None:
+                return slot
+        for key, slot in self._slot_of.items():  # least recently used first
+            if key not in keep:
+                del self._slot_of[key]
+                self._clear(slot)
+                self.evictions += 1
+                return slot
+        raise RuntimeError("no LoRA slot can be freed: every slot holds an adapter of this batch")
+
+    def _clear(self, slot: int) -> None:
+        lo, hi = slot * self.rank, (slot + 1) * self.rank
+        for stack in self.stacks.values():
+            if slot in stack.slots:
+                stack.a_cat[:, lo:hi] = 0
+                stack.b_cat[lo:hi] = 0
+                stack.slots.discard(slot)
+        self._adapter_in[slot] = None
+
+    def _load(self, adapter: LoadedAdapter, slot: int) -> int:
+        if adapter.rank > self.rank:
+            self._grow(adapter.rank)
+        lo = slot * self.rank
+        for module, weights in adapter.lora.items():
+            stack = self._stack(module)
+            r = weights.rank
+            stack.a_cat[:, lo:lo + r] = weights.a.T.to(self.dtype)
+            stack.b_cat[lo:lo + r] = (weights.b.T * weights.scaling).to(self.dtype)
+            stack.slots.add(slot)
+        self._adapter_in[slot] = adapter
+        self.loads += 1
+        return slot
+
+    def _stack(self, module: str) -> _ModuleStack:
+        stack = self.stacks.get(module)
+        if stack is None:
+            out_features, in_features = self.shapes[module]
+            width = self.num_slots * self.rank
+            stack = _ModuleStack(
+                a_cat=torch.zeros(in_features, width, device=self.device, dtype=self.dtype),
+                b_cat=torch.zeros(width, out_features, device=self.device, dtype=self.dtype),
+                slots=set(),
+            )
+            self.stacks[module] = stack
+        return stack
+
+    def _grow(self, rank: int) -> None:
+        """Re-lay every stack out with blocks of `rank` columns (keeps resident adapters)."""
+        old_rank, self.rank = self.rank, rank
+        for module, stack in list(self.stacks.items()):
+            out_features, in_features = self.shapes[module]
+            a_cat = torch.zeros(in_features, self.num_slots * rank, device=self.device, dtype=self.dtype)
+            b_cat = torch.zeros(self.num_slots * rank, out_features, device=self.device, dtype=self.dtype)
+            for slot in stack.slots:
+                a_cat[:, slot * rank:slot * rank + old_rank] = stack.a_cat[:, slot * old_rank:(slot + 1) * old_rank]
+                b_cat[slot * rank:slot * rank + old_rank] = stack.b_cat[slot * old_rank:(slot + 1) * old_rank]
+            self.stacks[module] = _ModuleStack(a_cat, b_cat, stack.slots)

@@ -1,0 +1,99 @@
+"""The stacked LoRA kernel vs the plain loop reference, on random shapes, ranks and adapter mixes."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from adapters import LoraWeights
+from server.engine.loaded import LoadedAdapter
+from server.engine.lora_layer import ActiveAdapters, LoraLinear
+from server.engine.lora_slots import LoraSlots
+
+MODULES = {"q": (24, 16), "v": (8, 16), "down": (16, 40)}  # name -> (out, in)
+POPULARITY = ["identical", "distinct", "uniform", "zipf"]
+
+
+def _adapter(name: str, rank: int, targets: list[str], gen: torch.Generator) -> LoadedAdapter:
+    lora = {}
+    for module in targets:
+        out_features, in_features = MODULES[module]
+        lora[module] = LoraWeights(a=torch.randn(rank, in_features, generator=gen),
+                                   b=torch.randn(out_features, rank, generator=gen),
+                                   scaling=float(torch.rand(1, generator=gen)) + 0.5)
+    return LoadedAdapter(name=name, version=1, task="completion", source=None, rank=rank, lora=lora)
+
+
+def _choose(pool, batch, popularity, rng):
+    if popularity == "identical":
+        return [pool[0]] * batch
+    if popularity == "distinct":
+        return [pool[i % len(pool)] for i in range(batch)]
+    if popularity == "uniform":
+        return [rng.choice(pool + [None]) for _ in range(batch)]
+    weights = [1 / (i + 1) ** 1.5 for i in range(len(pool) + 1)]  # zipf-like, None the most popular
+    return rng.choices([None] + pool, weights=weights, k=batch)
+
+
+def _layers(active: ActiveAdapters, gen: torch.Generator) -> dict[str, LoraLinear]:
+    layers = {}
+    for name, (out_features, in_features) in MODULES.items():
+        base = nn.Linear(in_features, out_features)
+        with torch.no_grad():
+            base.weight.copy_(torch.randn(out_features, in_features, generator=gen))
+            base.bias.copy_(torch.randn(out_features, generator=gen))
+        layers[name] = LoraLinear(base, name, active)
+    return layers
+
+
+@pytest.mark.parametrize("popularity", POPULARITY)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stacked_equals_loop(popularity, seed):
+    gen, rng = torch.Generator().manual_seed(seed), random.Random(seed)
+    pool = [_adapter(f"a{i}", rng.choice([1, 4, 8, 16]), rng.sample(list(MODULES), rng.randint(1, 3)), gen)
+            for i in range(12)]
+    loop, stacked = ActiveAdapters(), ActiveAdapters(LoraSlots(6, MODULES, torch.device("cpu"), torch.float32))
+    loop_layers, stacked_layers = _layers(loop, gen), {}
+    for name, layer in loop_layers.items():
+        stacked_layers[name] = LoraLinear(layer.base, name, stacked)
+    for _ in range(8):  # several batches: slots fill, ranks grow, adapters get evicted and reloaded
+        batch, seq = rng.randint(1, 6), rng.randint(1, 3)
+        rows = _choose(pool, batch, popularity, rng)
+        x = {name: torch.randn(batch, seq, MODULES[name][1], generator=gen) for name in MODULES}
+        loop.set_rows(rows, torch.device("cpu"))
+        stacked.set_rows(rows, torch.device("cpu"))
+        with torch.no_grad():
+            for name in MODULES:
+                torch.testing.assert_close(stacked_layers[name](x[name]), loop_layers[name](x[name]),
+                                           atol=1e-4, rtol=1e-4)
+        loop.clear()
+        stacked.clear()
+
+
+def test_rows_without_adapter_get_exactly_the_base():
+    gen = torch.Generator().manual_seed(0)
+    active = ActiveAdapters(LoraSlots(2, MODULES, torch.device("cpu"), torch.float32))
+    layers = _layers(active, gen)
+    adapter = _adapter("a", 4, ["q"], gen)
+    x = torch.randn(2, 3, 16, generator=gen)
+    active.set_rows([None, adapter], torch.device("cpu"))
+    with torch.no_grad():
+        mixed = layers["q"](x)
+        torch.testing.assert_close(mixed[0], layers["q"].base(x)[0], atol=0, rtol=0)
+        assert (mixed[1] - layers["q"].base(x)[1]).abs().max() > 1e-3
+
+
+def test_lru_eviction_spares_the_batch_and_counts():
+    gen = torch.Generator().manual_seed(0)
+    slots = LoraSlots(2, MODULES, torch.device("cpu"), torch.float32)
+    a, b, c = (_adapter(n, 4, ["q"], gen) for n in "abc")
+    slots.slots_for([a, b])
+    slots.slots_for([a])  # a is now the most recently used
+    assert slots.slots_for([c]) == {id(c): slots.slots_for([c])[id(c)]}
+    assert slots.evictions == 1 and slots.loads == 3
+    assert id(a) in slots.slots_for([a]) and slots.evictions == 1  # b was evicted, not a
+    with pytest.raises(ValueError):
+        slots.slots_for([a, b, c])
