@@ -17,13 +17,14 @@ class ActiveAdapters:
     """Which adapter each batch row uses during the next forward; shared by every LoraLinear.
 
     Two kernels, chosen once at start-up: `loop` (the reference: one matmul pair per distinct adapter
-    in the batch, on its rows) and `stacked` (LoraSlots: two matmuls per module for any adapter mix).
+    in the batch, on its rows) and `stacked` (LoraSlots: two matmuls per module for any adapter mix,
+    used for decode steps; prefill steps still take the per-adapter path, which does less arithmetic).
     """
 
     def __init__(self, slots: LoraSlots | None = None) -> None:
         self.slots = slots
         self.groups: list[tuple[LoadedAdapter, torch.Tensor | None]] = []  # loop kernel
-        self.row_mask: torch.Tensor | None = None  # stacked kernel: [B, 1, width]
+        self.row_mask: torch.Tensor | None = None  # stacked kernel: [B, width]
         self.width = 0
         self.batch_slots: set[int] = set()
 
@@ -35,7 +36,7 @@ class ActiveAdapters:
             return
         if self.slots is not None:
             self._set_stacked(rows, list(distinct.values()), device)
-        elif len(distinct) == 1 and all(a is not None for a in rows):
+        if len(distinct) == 1 and all(a is not None for a in rows):
             self.groups = [(next(iter(distinct.values())), None)]
         else:
             self.groups = [
@@ -52,7 +53,7 @@ class ActiveAdapters:
             if adapter is not None:
                 slot = slot_of[id(adapter)]
                 mask[row, slot * rank:(slot + 1) * rank] = 1
-        self.row_mask = mask[:, None, :]
+        self.row_mask = mask  # [B, width]: decode steps have one token per row
         self.batch_slots = set(slot_of.values())
 
     def clear(self) -> None:
@@ -62,12 +63,15 @@ class ActiveAdapters:
 
     def apply(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out + this module's LoRA delta for every row. x: [B, S, in], out: [B, S, out]."""
-        if self.row_mask is not None:
+        if self.row_mask is not None and x.shape[1] == 1:
+            # Decode (one token per row) is memory-bound: read every resident adapter once, two matmuls.
+            # Prefill is compute-bound: the loop below computes each adapter only on its own rows.
             stack = self.slots.stacks.get(name)
             if stack is None or not (stack.slots & self.batch_slots):
                 return out
-            shrunk = (x @ stack.a_cat[:, : self.width]) * self.row_mask  # [B, S, width]
-            return out + shrunk @ stack.b_cat[: self.width]
+            shrunk = torch.mm(x.view(-1, x.shape[-1]), stack.a_cat[:, : self.width]).mul_(self.row_mask)  # [B, width]
+            out.view(-1, out.shape[-1]).addmm_(shrunk, stack.b_cat[: self.width])
+            return out
         for adapter, rows in self.groups:
             weights = adapter.lora.get(name)
             if weights is None:
@@ -75,7 +79,7 @@ class ActiveAdapters:
             if rows is None:
                 out = out + F.linear(F.linear(x, weights.a), weights.b) * weights.scaling
             else:
-                out = out.index_add(0, rows, F.linear(F.linear(x[rows], weights.a), weights.b) * weights.scaling)
+                out.index_add_(0, rows, F.linear(F.linear(x[rows], weights.a), weights.b) * weights.scaling)
         return out
 
 
