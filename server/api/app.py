@@ -18,6 +18,7 @@ from server.auth import establish_admin_token
 from server.config import ServerConfig
 from server.engine.backend import choose_backend
 from server.engine.base_model import BaseModel, load_base
+from server.engine.classify_batcher import ClassifyBatcher
 from server.engine.scheduler import Scheduler, SchedulerLimits
 from server.metrics import Metrics
 from server.registry import AdapterRegistry
@@ -37,7 +38,7 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
     metrics.adapters_loaded.set(registry.ready_count())
     token = establish_admin_token(config.admin_token, config.state_dir, config.port)
     served = config.served_name or base.prepared.name
-    lock = threading.Lock()
+    lock = threading.Lock()  # one forward at a time: generation steps and classification share the model
     scheduler = None
     if base.can_generate:
         limits = SchedulerLimits(
@@ -46,21 +47,24 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
             prefill_token_budget=config.max_num_batched_tokens, max_adapters_per_batch=config.max_loras,
         )
         scheduler = Scheduler(base, limits, lock, on_step=metrics.observe_step)
+    classifier = ClassifyBatcher(base, lock, config.max_classify_batch, config.classify_max_length,
+                                 on_batch=lambda n: metrics.batch_size.labels("classify").observe(n))
     return AppState(config=config, base=base, registry=registry, metrics=metrics, admin_token=token,
-                    served_name=served, engine_lock=lock, scheduler=scheduler)
+                    served_name=served, scheduler=scheduler, classifier=classifier)
 
 
 def create_app(config: ServerConfig, base: BaseModel | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = build_state(config, base)
-        if state.scheduler is not None:
-            state.scheduler.start()
+        workers = [w for w in (state.scheduler, state.classifier) if w is not None]
+        for worker in workers:
+            worker.start()
         app.state.loraplex = state
         yield
         app.state.loraplex = None
-        if state.scheduler is not None:
-            state.scheduler.stop()
+        for worker in workers:
+            worker.stop()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)

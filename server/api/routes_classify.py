@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
-from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import ApiError
 from server.api.schemas import ClassifyItem, ClassifyRequest, ClassifyResponse, Usage
 from server.api.state import State
-from server.engine.classify import classify_texts
+from server.engine.classify_batcher import ClassifyJob
 
 router = APIRouter(tags=["classification"])
 
@@ -31,11 +32,17 @@ async def classify(body: ClassifyRequest, request: Request, state: State) -> Cla
     max_length = state.config.classify_max_length
     tokens = sum(len(ids[:max_length]) for ids in state.base.tokenizer(texts)["input_ids"])
 
-    def run():
-        with state.engine_lock:
-            return classify_texts(state.base, texts, adapter, max_length)
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future = loop.create_future()
 
-    results = await run_in_threadpool(run)
+    def done(outcome) -> None:  # on the batcher thread
+        loop.call_soon_threadsafe(_settle, future, outcome)
+
+    state.classifier.submit(ClassifyJob(texts, adapter, done))
+    outcome = await future
+    if isinstance(outcome, BaseException):
+        raise ApiError(500, "classification failed", "server_error") from outcome
+    results = outcome
     state.metrics.classified_inputs.labels(request.state.adapter_label).inc(len(texts))
     state.metrics.prompt_tokens.labels(request.state.adapter_label).inc(tokens)
     return ClassifyResponse(
@@ -43,3 +50,8 @@ async def classify(body: ClassifyRequest, request: Request, state: State) -> Cla
         data=[ClassifyItem(index=i, label=r.label, probs=r.probs) for i, r in enumerate(results)],
         usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
     )
+
+
+def _settle(future: asyncio.Future, outcome) -> None:
+    if not future.done():  # the client may have gone away
+        future.set_result(outcome)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import secrets
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -14,6 +13,7 @@ from server.api.errors import ApiError
 from server.config import ServerConfig
 from server.engine.base_model import BaseModel
 from server.engine.loaded import LoadedAdapter
+from server.engine.classify_batcher import ClassifyBatcher
 from server.engine.scheduler import Scheduler
 from server.metrics import Metrics
 from server.registry import AdapterRegistry
@@ -27,9 +27,8 @@ class AppState:
     metrics: Metrics
     admin_token: str
     served_name: str
-    # Held for each forward: the scheduler's batched steps and classification share one model.
-    engine_lock: threading.Lock
     scheduler: Scheduler | None  # continuous batching for generation; None on encoder bases
+    classifier: ClassifyBatcher  # batched classification (any base)
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @property

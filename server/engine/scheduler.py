@@ -10,6 +10,7 @@ Running requests keep KV slots 0..n-1 in order, so the decode step reads the cac
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 import threading
 import time
@@ -84,6 +85,7 @@ class Scheduler:
         self.limits = limits
         self.runner = BatchRunner(base, limits.max_running, limits.max_len)
         self.eos_ids = eos_ids(base)
+        self.tokenizer = copy.deepcopy(base.tokenizer)  # this thread's own: fast tokenizers are not thread-safe
         self.on_step = on_step  # (phase, batch size, seconds): metrics hook
         self.stats = SchedulerStats(kv_capacity=limits.max_running * limits.max_len)
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
@@ -156,7 +158,7 @@ class Scheduler:
             if new_adapter:
                 adapters.add(id(request.adapter))
             budget -= cost
-            state = DecodeState(request.params, self.base.tokenizer, self.eos_ids, self.base.backend.device)
+            state = DecodeState(request.params, self.tokenizer, self.eos_ids, self.base.backend.device)
             running = _Running(request, state, slot=len(self._running), length=0)
             self._running.append(running)
             admitted.append(running)

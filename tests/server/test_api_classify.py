@@ -49,3 +49,35 @@ def test_bad_classify_requests(bert_client, body, status):
 def test_encoder_base_refuses_completions(bert_client):
     response = bert_client.post("/v1/completions", json={"model": "tiny-bert", "prompt": "hi"})
     assert response.status_code == 400 and "classify" in response.json()["error"]["message"]
+
+
+def test_mixed_classifiers_in_one_forward_equal_each_alone(tiny_bert_base, tiny_classifiers):
+    from adapters import read_adapter_folder
+    from server.engine.classify import classify_rows, classify_texts
+    from server.engine.loaded import load_adapter
+    from tests.server.conftest import CPU_FP32
+
+    two, three = (load_adapter(n, 1, read_adapter_folder(tiny_classifiers[n]), CPU_FP32.device, CPU_FP32.dtype)
+                  for n in ("two", "three"))
+    mixed = classify_rows(tiny_bert_base, TEXTS, [two, three, two], 64)
+    alone = classify_texts(tiny_bert_base, TEXTS, two, 64)
+    alone3 = classify_texts(tiny_bert_base, TEXTS[1:2], three, 64)
+    assert len(mixed[1].probs) == 3 and len(mixed[0].probs) == 2
+    for got, want in [(mixed[0], alone[0]), (mixed[2], alone[2]), (mixed[1], alone3[0])]:
+        assert got.label == want.label
+        for label, p in want.probs.items():
+            assert abs(got.probs[label] - p) < 1e-5
+
+
+def test_concurrent_requests_for_different_classifiers(bert_client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def call(name):
+        return bert_client.post("/v1/classify", json={"model": name, "input": TEXTS}).json()
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(call, ["two", "three", "two", "three"]))
+    assert [len(r["data"][0]["probs"]) for r in results] == [2, 3, 2, 3]
+    for a, b in zip(results[0]["data"], results[2]["data"]):  # batched with others or not: same answer
+        assert a["label"] == b["label"]
+        assert all(abs(a["probs"][k] - b["probs"][k]) < 1e-5 for k in a["probs"])

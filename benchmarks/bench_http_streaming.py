@@ -1,0 +1,125 @@
+"""Over HTTP, as clients see it: concurrent streaming clients, each on its own adapter, vs base only.
+
+Starts `server serve` on loopback with N random rank-16 adapters (q,k,v,o), runs the same streamed
+requests twice in ONE run (all on the base, then each client on its own adapter), counts the tokens
+that arrive as server-sent events, and prints tokens/s and the ratio as the last line in JSON.
+
+    python benchmarks/bench_http_streaming.py                     # fp32
+    python benchmarks/bench_http_streaming.py --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_multi_adapter import make_peft_adapters, make_prompts  # noqa: E402
+
+STARTUP_TIMEOUT_S = 300
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--cache-dir", default=os.environ.get("LORAPLEX_CACHE", str(Path.home() / ".cache" / "loraplex")))
+    return p.parse_args()
+
+
+async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, new_tokens: int) -> int:
+    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    tokens = 0
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[len("data: "):])
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+    return tokens
+
+
+async def run_clients(url: str, models: list[str], prompts: list[str], clients: int, new_tokens: int) -> dict:
+    queue: asyncio.Queue = asyncio.Queue()
+    for i, prompt in enumerate(prompts):
+        queue.put_nowait((i, prompt))
+    total = 0
+
+    async def client_loop(index: int) -> None:
+        nonlocal total
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            while not queue.empty():
+                _, prompt = queue.get_nowait()
+                total += await stream_one(client, models[index % len(models)], prompt, new_tokens)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client_loop(i) for i in range(clients)))
+    elapsed = time.perf_counter() - started
+    return {"tokens_per_s": total / elapsed, "tokens": total, "seconds": elapsed}
+
+
+def main() -> None:
+    args = parse_args()
+    from transformers import AutoTokenizer
+
+    from adapters import resolve_base
+
+    prepared = resolve_base(args.base, Path(args.cache_dir))
+    tokenizer = AutoTokenizer.from_pretrained(prepared.path)
+    prompts = [tokenizer.decode(ids) for ids in make_prompts(tokenizer, args.requests, args.prompt_tokens)]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = make_peft_adapters(prepared.path, args.clients, args.rank, Path(tmp))
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [str(Path(sys.executable).parent / "server"), "serve", "--base", args.base, "--port", str(port),
+               "--dtype", args.dtype, "--log-level", "warning"]
+        for i, path in enumerate(paths):
+            cmd += ["--adapter", f"adapter-{i}={path}"]
+        env = {**os.environ, "LORAPLEX_STATE": str(Path(tmp) / "state")}
+        proc = subprocess.Popen(cmd, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while True:
+                try:
+                    if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit("server did not start")
+                time.sleep(0.5)
+            asyncio.run(run_clients(url, [args.base], prompts[: args.clients], args.clients, 4))  # warm-up
+            base = asyncio.run(run_clients(url, [args.base], prompts, args.clients, args.new_tokens))
+            print("base only:", base, flush=True)
+            adapters = [f"adapter-{i}" for i in range(args.clients)]
+            mixed = asyncio.run(run_clients(url, adapters, prompts, args.clients, args.new_tokens))
+            print(f"{args.clients} clients on {args.clients} distinct adapters:", mixed, flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    print(json.dumps({"dtype": args.dtype, "base_tokens_per_s": round(base["tokens_per_s"], 2),
+                      "mixed_tokens_per_s": round(mixed["tokens_per_s"], 2),
+                      "mixed/base": round(mixed["tokens_per_s"] / base["tokens_per_s"], 3)}))
+
+
+if __name__ == "__main__":
+    main()
