@@ -69,7 +69,7 @@ class ActiveAdapters:
             stack = self.slots.stacks.get(name)
             if stack is None or not (stack.slots & self.batch_slots):
                 return out
-            shrunk = torch.mm(x.view(-1, x.shape[-1]), stack.a_cat[:, : self.width]).mul_(self.row_mask)  # [B, width]
+            shrunk = F.linear(x.view(-1, x.shape[-1]), stack.a_cat[: self.width]).mul_(self.row_mask)  # [B, width]
             out.view(-1, out.shape[-1]).addmm_(shrunk, stack.b_cat[: self.width])
             return out
         for adapter, rows in self.groups:

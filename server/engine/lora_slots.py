@@ -2,12 +2,15 @@
 
 For each target module the resident adapters' weights are concatenated along the rank axis:
 
-    a_cat: [in, n_slots * r_max]       column block s = A_s.T, zero-padded to r_max
+    a_cat: [n_slots * r_max, in]       row block s = A_s, zero-padded to r_max
     b_cat: [n_slots * r_max, out]      row block s = scaling_s * B_s.T, zero-padded
 
 and a batch whose rows use slots `row_slot[b]` gets its LoRA delta as
 
-    delta = ((x @ a_cat) * row_mask) @ b_cat,   row_mask[b] = 1 on block row_slot[b], 0 elsewhere
+    delta = ((x @ a_cat.T) * row_mask) @ b_cat,   row_mask[b] = 1 on block row_slot[b], 0 elsewhere
+
+Both stacks keep slots as ROW blocks, so the slots in use are a contiguous leading slice (a column
+slice of a row-major matrix sends matmul down a slow strided path).
 
 which equals, row by row, scaling * B(A(x)) of that row's adapter (the loop reference in lora_layer.py):
 every other block is multiplied by exact zeros. Cost: two matmuls per module whatever the adapter mix,
@@ -26,7 +29,7 @@ from server.engine.loaded import LoadedAdapter
 
 @dataclass
 class _ModuleStack:
-    a_cat: torch.Tensor  # [in, n_slots * r_max]
+    a_cat: torch.Tensor  # [n_slots * r_max, in]
     b_cat: torch.Tensor  # [n_slots * r_max, out]
     slots: set[int]  # slots whose adapter targets this module
 
@@ -83,7 +86,7 @@ class LoraSlots:
         lo, hi = slot * self.rank, (slot + 1) * self.rank
         for stack in self.stacks.values():
             if slot in stack.slots:
-                stack.a_cat[:, lo:hi] = 0
+                stack.a_cat[lo:hi] = 0
                 stack.b_cat[lo:hi] = 0
                 stack.slots.discard(slot)
         self._adapter_in[slot] = None
@@ -95,7 +98,7 @@ class LoraSlots:
         for module, weights in adapter.lora.items():
             stack = self._stack(module)
             r = weights.rank
-            stack.a_cat[:, lo:lo + r] = weights.a.T.to(self.dtype)
+            stack.a_cat[lo:lo + r] = weights.a.to(self.dtype)
             stack.b_cat[lo:lo + r] = (weights.b.T * weights.scaling).to(self.dtype)
             stack.slots.add(slot)
         self._adapter_in[slot] = adapter
@@ -108,7 +111,7 @@ class LoraSlots:
             out_features, in_features = self.shapes[module]
             width = self.num_slots * self.rank
             stack = _ModuleStack(
-                a_cat=torch.zeros(in_features, width, device=self.device, dtype=self.dtype),
+                a_cat=torch.zeros(width, in_features, device=self.device, dtype=self.dtype),
                 b_cat=torch.zeros(width, out_features, device=self.device, dtype=self.dtype),
                 slots=set(),
             )
@@ -120,9 +123,9 @@ class LoraSlots:
         old_rank, self.rank = self.rank, rank
         for module, stack in list(self.stacks.items()):
             out_features, in_features = self.shapes[module]
-            a_cat = torch.zeros(in_features, self.num_slots * rank, device=self.device, dtype=self.dtype)
+            a_cat = torch.zeros(self.num_slots * rank, in_features, device=self.device, dtype=self.dtype)
             b_cat = torch.zeros(self.num_slots * rank, out_features, device=self.device, dtype=self.dtype)
             for slot in stack.slots:
-                a_cat[:, slot * rank:slot * rank + old_rank] = stack.a_cat[:, slot * old_rank:(slot + 1) * old_rank]
+                a_cat[slot * rank:slot * rank + old_rank] = stack.a_cat[slot * old_rank:(slot + 1) * old_rank]
                 b_cat[slot * rank:slot * rank + old_rank] = stack.b_cat[slot * old_rank:(slot + 1) * old_rank]
             self.stacks[module] = _ModuleStack(a_cat, b_cat, stack.slots)
