@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     serve.add_argument("--max-model-len", type=int, default=2048)
     serve.add_argument("--served-name", default=None, help="model id of the base (default: the base name)")
+    serve.add_argument("--max-num-seqs", type=int, default=16, help="requests decoding at once (KV cache slots)")
+    serve.add_argument("--max-loras", type=int, default=32, help="distinct adapters in a batch (device LoRA slots)")
+    serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
+    serve.add_argument("--lora-kernel", choices=["stacked", "loop"], default="stacked")
     serve.add_argument("--log-level", default="info")
 
     for name, help_text in (("add-adapter", "load an adapter into a running server"),
@@ -79,6 +83,8 @@ def _serve(args: argparse.Namespace) -> int:
         config = ServerConfig(
             base=args.base, host=args.host, port=args.port, adapters=dict(args.adapter), quant=args.quant,
             device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, served_name=args.served_name,
+            max_num_seqs=args.max_num_seqs, max_loras=args.max_loras, max_waiting=args.max_waiting,
+            lora_kernel=args.lora_kernel,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -30,7 +30,7 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
     """Load the base (unless given), register the start-up adapters, establish the admin token."""
     if base is None:
         backend = choose_backend(config.device, config.dtype, config.quant)
-        base = load_base(resolve_base(config.base, config.cache_dir), backend)
+        base = load_base(resolve_base(config.base, config.cache_dir), backend, config.lora_kernel, config.max_loras)
     metrics = Metrics()
     registry = AdapterRegistry(base, config.max_adapters)
     for name, path in config.adapters.items():
