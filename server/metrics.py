@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import threading
 
+from typing import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 MAX_ADAPTER_LABELS = 100
 OTHER_ADAPTER = "__other__"
@@ -49,10 +53,6 @@ class Metrics:
             "loraplex_request_queue_time_seconds", "Time a request waited before admission", ["adapter"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
-        self.running = Gauge("loraplex_num_requests_running", "Requests in the running batch", registry=r)
-        self.waiting = Gauge("loraplex_num_requests_waiting", "Requests waiting for admission", registry=r)
-        self.kv_cache_usage = Gauge("loraplex_kv_cache_usage_perc", "Fraction of KV cache slots' tokens in use",
-                                    registry=r)
         self.batch_size = Histogram("loraplex_batch_size", "Sequences per batched forward", ["phase"],
                                     buckets=BATCH_BUCKETS, registry=r)
         self.step_latency = Histogram("loraplex_step_latency_seconds", "Time of one batched forward", ["phase"],
@@ -82,3 +82,30 @@ class Metrics:
                 self._labels.add(name)
                 return name
         return OTHER_ADAPTER
+
+
+class EngineCollector(Collector):
+    """Reads the engine's own counters at scrape time (the scheduler and the LoRA slots keep them)."""
+
+    def __init__(self, read: Callable[[], dict[str, float]]) -> None:
+        self.read = read
+
+    def collect(self) -> Iterator:
+        values = self.read()
+        gauges = {
+            "loraplex_num_requests_running": "Requests in the running batch",
+            "loraplex_num_requests_waiting": "Requests waiting for admission",
+            "loraplex_kv_cache_usage_perc": "Fraction of the KV cache's token capacity in use",
+            "loraplex_lora_slots_used": "Adapters resident in device LoRA slots",
+        }
+        counters = {
+            "loraplex_lora_slot_hits": "Batches whose adapter was already in a device slot",
+            "loraplex_lora_slot_loads": "Adapters copied into a device slot (slot misses)",
+            "loraplex_lora_slot_evictions": "Adapters evicted from a device slot (least recently used)",
+        }
+        for name, help_text in gauges.items():
+            if name in values:
+                yield GaugeMetricFamily(name, help_text, value=values[name])
+        for name, help_text in counters.items():
+            if name in values:
+                yield CounterMetricFamily(name, help_text, value=values[name])

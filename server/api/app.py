@@ -20,7 +20,7 @@ from server.engine.backend import choose_backend
 from server.engine.base_model import BaseModel, load_base
 from server.engine.classify_batcher import ClassifyBatcher
 from server.engine.scheduler import Scheduler, SchedulerLimits
-from server.metrics import Metrics
+from server.metrics import EngineCollector, Metrics
 from server.registry import AdapterRegistry
 
 log = logging.getLogger(__name__)
@@ -49,8 +49,25 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
         scheduler = Scheduler(base, limits, lock, on_step=metrics.observe_step)
     classifier = ClassifyBatcher(base, lock, config.max_classify_batch, config.classify_max_length,
                                  on_batch=lambda n: metrics.batch_size.labels("classify").observe(n))
+    metrics.registry.register(EngineCollector(lambda: engine_readings(scheduler, base)))
     return AppState(config=config, base=base, registry=registry, metrics=metrics, admin_token=token,
                     served_name=served, scheduler=scheduler, classifier=classifier)
+
+
+def engine_readings(scheduler: Scheduler | None, base: BaseModel) -> dict[str, float]:
+    values: dict[str, float] = {}
+    if scheduler is not None:
+        stats = scheduler.stats
+        values["loraplex_num_requests_running"] = stats.running
+        values["loraplex_num_requests_waiting"] = stats.waiting
+        values["loraplex_kv_cache_usage_perc"] = stats.kv_tokens / max(stats.kv_capacity, 1)
+    slots = base.active.slots
+    if slots is not None:
+        values["loraplex_lora_slots_used"] = slots.resident()
+        values["loraplex_lora_slot_hits"] = slots.hits
+        values["loraplex_lora_slot_loads"] = slots.loads
+        values["loraplex_lora_slot_evictions"] = slots.evictions
+    return values
 
 
 def create_app(config: ServerConfig, base: BaseModel | None = None) -> FastAPI:

@@ -65,6 +65,9 @@ class LoraSlots:
             result[key] = self._slot_of[key]
         return result
 
+    def resident(self) -> int:
+        return sum(a is not None for a in self._adapter_in)
+
     def used_width(self) -> int:
         """Columns of the stacks in use: up to the highest occupied slot."""
         occupied = [s for s, a in enumerate(self._adapter_in) if a is not None]

@@ -112,3 +112,7 @@ def test_health_ready_metrics(llama_client):
     assert 'loraplex_requests_total{adapter="alpha",route="/v1/completions",status="200"}' in text
     assert 'loraplex_generation_tokens_total{adapter="alpha"}' in text
     assert "loraplex_adapters_loaded 1.0" in text
+    for name in ("loraplex_num_requests_running", "loraplex_kv_cache_usage_perc", "loraplex_lora_slot_loads_total",
+                 "loraplex_time_to_first_token_seconds_count", "loraplex_inter_token_latency_seconds_count",
+                 "loraplex_batch_size_count", "loraplex_request_queue_time_seconds_count"):
+        assert name in text, name
