@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-loras", type=int, default=32, help="distinct adapters in a batch (device LoRA slots)")
     serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
     serve.add_argument("--lora-kernel", choices=["stacked", "loop"], default="stacked")
+    serve.add_argument("--merge", action="store_true",
+                       help="single-tenant mode: merge the hot adapter into the base weights, swap on demand")
     serve.add_argument("--log-level", default="info")
 
     for name, help_text in (("add-adapter", "load an adapter into a running server"),
@@ -84,7 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
             base=args.base, host=args.host, port=args.port, adapters=dict(args.adapter), quant=args.quant,
             device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, served_name=args.served_name,
             max_num_seqs=args.max_num_seqs, max_loras=args.max_loras, max_waiting=args.max_waiting,
-            lora_kernel=args.lora_kernel,
+            lora_kernel=args.lora_kernel, merge=args.merge,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

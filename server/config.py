@@ -51,6 +51,7 @@ class ServerConfig(BaseModel):
     max_waiting: int = Field(256, gt=0, description="queued requests beyond which new ones get 429")
     max_num_batched_tokens: int = Field(2048, gt=0, description="prompt tokens prefilled in one step")
     max_loras: int = Field(32, gt=0, description="distinct adapters in the running batch (= device LoRA slots)")
+    merge: bool = Field(False, description="single-tenant mode: merge the hot adapter into the base weights")
     lora_kernel: Literal["stacked", "loop"] = Field("stacked", description="batched LoRA math; loop is the reference")
     admin_token: str | None = Field(default_factory=env_admin_token, repr=False)
     cache_dir: Path = Field(default_factory=default_cache_dir)

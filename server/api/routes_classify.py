@@ -16,6 +16,8 @@ router = APIRouter(tags=["classification"])
 
 @router.post("/v1/classify", response_model=ClassifyResponse)
 async def classify(body: ClassifyRequest, request: Request, state: State) -> ClassifyResponse:
+    if state.config.merge:
+        raise ApiError(400, "classification is not served in --merge mode (the base weights hold an adapter)")
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts:
         raise ApiError(400, "input must hold at least one text")

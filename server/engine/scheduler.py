@@ -22,6 +22,7 @@ from server.engine.batch_runner import BatchRunner, RowInput
 from server.engine.decode_state import DecodeState, TextDelta
 from server.engine.generate import eos_ids
 from server.engine.loaded import LoadedAdapter
+from server.engine.merge_mode import Merger
 from server.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,9 @@ class SchedulerStats:
 
 class Scheduler:
     def __init__(self, base: BaseModel, limits: SchedulerLimits, model_lock: threading.Lock,
-                 on_step: Callable[[str, int, float], None] | None = None) -> None:
+                 on_step: Callable[[str, int, float], None] | None = None, merge: bool = False) -> None:
         self.base = base
+        self.merger = Merger(base) if merge else None  # merge mode: one adapter in the weights at a time
         self.model_lock = model_lock  # shared with other users of the model (classification)
         self.limits = limits
         self.runner = BatchRunner(base, limits.max_running, limits.max_len)
@@ -102,6 +104,9 @@ class Scheduler:
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout=30)
+        if self.merger is not None:  # leave the shared base as it was found
+            with self.model_lock:
+                self.merger.switch_to(None)
 
     def submit(self, request: GenerationRequest) -> None:
         if len(request.prompt_ids) + request.params.max_tokens > self.limits.max_len:
@@ -124,6 +129,9 @@ class Scheduler:
                     break
                 admitted = self._admit()
             self._drop_cancelled()
+            if admitted and self.merger is not None and admitted[0].request.adapter is not self.merger.merged:
+                with self.model_lock:  # only reached with an empty running batch (see _admit)
+                    self.merger.switch_to(admitted[0].request.adapter)
             if admitted:
                 self._run_phase("prefill", admitted, prefill=True)
             decoding = [r for r in self._running if r.next_token is not None and not r.state.finished
@@ -150,6 +158,8 @@ class Scheduler:
             cost = len(request.prompt_ids)
             if admitted and cost > budget:
                 break
+            if self.merger is not None and not self._merge_compatible(request):
+                break
             new_adapter = request.adapter is not None and id(request.adapter) not in adapters
             if new_adapter and len(adapters) >= self.limits.max_adapters_per_batch:
                 break
@@ -165,10 +175,18 @@ class Scheduler:
         self.stats.waiting = len(self._waiting)
         return admitted
 
+    def _merge_compatible(self, request: GenerationRequest) -> bool:
+        """Merge mode admits one adapter at a time: the merged one while anything runs; else the head's."""
+        if self._running:  # already holds this round's admissions too
+            return request.adapter is self._running[0].request.adapter
+        return True
+
     def _run_phase(self, phase: str, rows: list[_Running], prefill: bool) -> None:
         started = time.perf_counter()
+        merged = self.merger is not None  # the adapter is in the weights: rows run as plain base rows
         inputs = [
-            RowInput(r.slot, r.length, r.request.prompt_ids if prefill else [r.next_token], r.request.adapter)
+            RowInput(r.slot, r.length, r.request.prompt_ids if prefill else [r.next_token],
+                     None if merged else r.request.adapter)
             for r in rows
         ]
         try:

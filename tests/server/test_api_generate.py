@@ -116,3 +116,21 @@ def test_health_ready_metrics(llama_client):
                  "loraplex_time_to_first_token_seconds_count", "loraplex_inter_token_latency_seconds_count",
                  "loraplex_batch_size_count", "loraplex_request_queue_time_seconds_count"):
         assert name in text, name
+
+
+def test_merge_mode_serves_adapters_and_refuses_classification(tmp_path, tiny_llama_base, tiny_adapters):
+    from fastapi.testclient import TestClient
+
+    from server.api.app import create_app
+    from server.config import ServerConfig
+
+    config = ServerConfig(base="tiny", served_name="tiny", merge=True, state_dir=tmp_path, admin_token="t",
+                          adapters={"alpha": str(tiny_adapters["alpha"])})
+    with TestClient(create_app(config, base=tiny_llama_base)) as client:
+        plain = _complete(client, "tiny", ignore_eos=True)
+        merged = _complete(client, "alpha", ignore_eos=True)  # the app stops with alpha merged: stop unmerges
+        assert merged["choices"][0]["text"] != plain["choices"][0]["text"]
+        refused = client.post("/v1/classify", json={"model": "alpha", "input": "x"})
+        assert refused.status_code == 400 and "merge" in refused.json()["error"]["message"]
+    with TestClient(create_app(config.model_copy(update={"merge": False}), base=tiny_llama_base)) as client:
+        assert _complete(client, "alpha", ignore_eos=True)["choices"] == merged["choices"]

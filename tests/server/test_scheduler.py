@@ -136,3 +136,22 @@ def test_kv_cache_reads_a_view_when_slots_are_in_order(tiny_llama_base):
     in_order = runner.forward([RowInput(0, 0, ids, None), RowInput(1, 0, ids, None)])
     swapped = runner.forward([RowInput(2, 0, ids, None), RowInput(0, 0, ids, None)])
     torch.testing.assert_close(in_order, swapped, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_mode_matches_unmerged_and_swaps(tiny_llama_base, loaded):
+    """Merge mode: tokens equal the unmerged reference; base weights are restored after unmerge."""
+    q_proj = tiny_llama_base.model.get_submodule("model.layers.0.self_attn.q_proj").base.weight
+    original = q_proj.clone()
+    sched = Scheduler(tiny_llama_base, SchedulerLimits(max_running=4, max_len=128), MODEL_LOCK, merge=True)
+    params = SamplingParams(max_tokens=8, ignore_eos=True)
+    order = [loaded["alpha"], loaded["alpha"], None, loaded["beta"], loaded["alpha"]]
+    jobs = [(_submit(sched, tiny_llama_base, PROMPTS[i], params, a)[1], PROMPTS[i], a) for i, a in enumerate(order)]
+    sched.start()
+    try:
+        results = [collector.tokens for collector, _, _ in jobs]
+    finally:
+        sched.stop()
+    assert sched.merger.swaps == 5  # alpha, base, beta, alpha, then back to the base at stop
+    torch.testing.assert_close(q_proj, original, atol=1e-6, rtol=0)
+    for tokens, (_, prompt, adapter) in zip(results, jobs):
+        assert tokens == _reference(tiny_llama_base, prompt, params, adapter)
