@@ -98,7 +98,8 @@ class AdapterRegistry:
             validate_against_base(folder, self.base.signature)
             if folder.task == "completion" and not self.base.can_generate:
                 raise AdapterError(f"completion adapter {name!r} needs a causal LM base; this base is an encoder")
-            loaded = load_adapter(name, next(self._versions), folder, self.base.backend.device, self.base.backend.dtype)
+            loaded = load_adapter(name, next(self._versions), folder, self.base.backend.device, self.base.backend.dtype,
+                                  pinned=pinned)
         except Exception as exc:
             with self._lock:
                 if current is None:

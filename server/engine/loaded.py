@@ -35,9 +35,11 @@ class LoadedAdapter:
     lora: dict[str, LoraWeights]
     head: ClassificationHead | None = None
     metadata: dict = field(default_factory=dict)
+    pinned: bool = False  # once in a device slot, never evicted from it
 
 
-def load_adapter(name: str, version: int, folder: AdapterFolder, device: torch.device, dtype: torch.dtype) -> LoadedAdapter:
+def load_adapter(name: str, version: int, folder: AdapterFolder, device: torch.device, dtype: torch.dtype,
+                 pinned: bool = False) -> LoadedAdapter:
     """Move a validated adapter's tensors to the serving device/dtype and build its head, if any."""
     lora = {
         module: LoraWeights(a=w.a.to(device=device, dtype=dtype), b=w.b.to(device=device, dtype=dtype), scaling=w.scaling)
@@ -47,7 +49,7 @@ def load_adapter(name: str, version: int, folder: AdapterFolder, device: torch.d
     ranks = {w.rank for w in lora.values()}
     return LoadedAdapter(
         name=name, version=version, task=folder.task, source=folder.path, rank=max(ranks), lora=lora, head=head,
-        metadata={"metrics": folder.manifest.metrics if folder.manifest else {}},
+        metadata={"metrics": folder.manifest.metrics if folder.manifest else {}}, pinned=pinned,
     )
 
 

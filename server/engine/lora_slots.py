@@ -14,7 +14,8 @@ slice of a row-major matrix sends matmul down a slow strided path).
 
 which equals, row by row, scaling * B(A(x)) of that row's adapter (the loop reference in lora_layer.py):
 every other block is multiplied by exact zeros. Cost: two matmuls per module whatever the adapter mix,
-no gathers. Slots are filled on demand and evicted least-recently-used among adapters not in the batch.
+no gathers. Slots are filled on demand and evicted least-recently-used among adapters neither in the
+batch nor pinned.
 """
 
 from __future__ import annotations
@@ -78,12 +79,12 @@ class LoraSlots:
             if adapter is None:
                 return slot
         for key, slot in self._slot_of.items():  # least recently used first
-            if key not in keep:
+            if key not in keep and not self._adapter_in[slot].pinned:
                 del self._slot_of[key]
                 self._clear(slot)
                 self.evictions += 1
                 return slot
-        raise RuntimeError("no LoRA slot can be freed: every slot holds an adapter of this batch")
+        raise RuntimeError("no LoRA slot can be freed: every slot holds a pinned adapter or one of this batch")
 
     def _clear(self, slot: int) -> None:
         lo, hi = slot * self.rank, (slot + 1) * self.rank

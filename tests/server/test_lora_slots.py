@@ -98,3 +98,15 @@ def test_lru_eviction_spares_the_batch_and_counts():
     assert id(a) in slots.slots_for([a]) and slots.evictions == 1  # b was evicted, not a
     with pytest.raises(ValueError):
         slots.slots_for([a, b, c])
+
+
+def test_pinned_adapters_are_never_evicted():
+    gen = torch.Generator().manual_seed(0)
+    slots = LoraSlots(2, MODULES, torch.device("cpu"), torch.float32)
+    pinned = _adapter("p", 4, ["q"], gen)
+    pinned = LoadedAdapter(**{**pinned.__dict__, "pinned": True})
+    a, b = _adapter("a", 4, ["q"], gen), _adapter("b", 4, ["v"], gen)
+    slots.slots_for([pinned])
+    slots.slots_for([a])
+    slots.slots_for([b])  # must evict a, the only unpinned resident, although pinned is older
+    assert slots.slots_for([pinned]) and slots.evictions == 1 and slots.hits == 1
