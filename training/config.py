@@ -1,0 +1,155 @@
+"""TrainConfig: the one configuration object of the training side.
+
+Every field carries its help text (the CLI builds its flags from them) and is checked in
+`__post_init__`. This is the only module of `training/` that reads `os.environ` (LORAPLEX_CACHE, for
+where prepared bases live). The config is saved into every adapter's manifest (`to_manifest`), so
+`training eval` can rebuild the exact held-out split and tokenization from the adapter folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from training.errors import ConfigError
+
+METHODS = ("lora", "qlora", "prompt", "prefix", "ptuning", "ia3", "freeze", "full")
+IMPLEMENTED_METHODS = ("lora",)
+TASKS = ("completion", "classification")
+AUTO = "auto"
+SCHEDULES = ("cosine", "linear", "constant")
+CACHE_ENV = "LORAPLEX_CACHE"
+DEFAULT_CACHE = Path.home() / ".cache" / "loraplex"
+# Per-task defaults used where a field is left unset (None): chat turns are longer than review snippets.
+DEFAULT_MAX_LENGTH = {"completion": 256, "classification": 64}
+MACHINE_LOCAL_FIELDS = ("cache_dir",)  # left out of the manifest: they describe this machine, not the run
+
+
+def _default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What one training run needs; defaults suit a short LoRA run on a 2-core CPU."""
+
+    base: str = field(metadata=_help("base model: an embedded name (smollm2-135m, minilm-l6), a local HF folder or a .gguf"))
+    data: str = field(metadata=_help("bundled data set (rotten-tomatoes, tweets, debates, chatterbot[:TOPIC]) or a CSV/JSONL path"))
+    out: Path = field(metadata=_help("adapter folder to write (replaced atomically)"))
+    method: str = field(default="lora", metadata=_help(f"fine-tuning method, one of {', '.join(METHODS)}"))
+    task: str = field(default=AUTO, metadata=_help(
+        "completion or classification; auto picks completion for causal LMs, classification for encoders"))
+    max_steps: int = field(default=100, metadata=_help("optimizer steps"))
+    batch_size: int = field(default=8, metadata=_help("rows per micro-batch"))
+    grad_accum_steps: int = field(default=1, metadata=_help("micro-batches summed into each optimizer step"))
+    lr: float = field(default=1e-3, metadata=_help("peak learning rate (AdamW)"))
+    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay on matrices (not biases)"))
+    warmup_ratio: float = field(default=0.1, metadata=_help("fraction of max_steps spent warming the learning rate up from 0"))
+    schedule: str = field(default="cosine", metadata=_help(f"learning-rate decay after warm-up: {', '.join(SCHEDULES)}"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("clip the gradient's global L2 norm to this (0 turns clipping off)"))
+    lora_r: int = field(default=8, metadata=_help("LoRA rank"))
+    lora_alpha: float = field(default=16.0, metadata=_help("LoRA alpha (the update is scaled by alpha / r)"))
+    lora_dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA input during training"))
+    target_modules: tuple[str, ...] = field(default=(), metadata=_help(
+        "comma-separated module names to wrap; empty = q_proj,k_proj,v_proj,o_proj (decoders) "
+        "or query,key,value,dense (BERT encoders)"))
+    max_length: int | None = field(default=None, metadata=_help(
+        "tokens per row, longer rows are cut on the right; default 256 for completion, 64 for classification"))
+    seed: int = field(default=0, metadata=_help("seed for the LoRA / head initialisation, dropout and batch order"))
+    split_seed: int = field(default=0, metadata=_help(
+        "seed of the train/validation split (kept apart from --seed so runs with different seeds share one held-out set)"))
+    val_fraction: float = field(default=0.1, metadata=_help("fraction of the rows held out for evaluation"))
+    eval_rows: int = field(default=512, metadata=_help("at most this many held-out rows"))
+    eval_batch_size: int = field(default=16, metadata=_help("rows per evaluation batch"))
+    cache_dir: Path = field(default_factory=_default_cache_dir, metadata=_help(
+        f"where prepared bases are cached (default ${CACHE_ENV} or {DEFAULT_CACHE})"))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
+        object.__setattr__(self, "target_modules", _as_names(self.target_modules))
+        _check_choice("method", self.method, METHODS)
+        _check_choice("task", self.task, (AUTO, *TASKS))
+        _check_choice("schedule", self.schedule, SCHEDULES)
+        if not self.base:
+            raise ConfigError("base must name a model")
+        if not self.data:
+            raise ConfigError("data must name a bundled data set or a file")
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "lora_r", "eval_rows", "eval_batch_size"):
+            _check_positive_int(name, getattr(self, name))
+        if self.max_length is not None:
+            _check_positive_int("max_length", self.max_length)
+        for name in ("seed", "split_seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        _check_range("lr", self.lr, 0.0, math.inf, low_open=True)
+        _check_range("lora_alpha", self.lora_alpha, 0.0, math.inf, low_open=True)
+        _check_range("weight_decay", self.weight_decay, 0.0, math.inf)
+        _check_range("max_grad_norm", self.max_grad_norm, 0.0, math.inf)
+        _check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
+        _check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
+        _check_range("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+
+    def resolved(self, task: str, target_modules: tuple[str, ...]) -> "TrainConfig":
+        """A copy with `auto` / empty fields replaced by what the run actually used."""
+        return dataclasses.replace(
+            self, task=task, target_modules=self.target_modules or target_modules,
+            max_length=self.max_length or DEFAULT_MAX_LENGTH[task],
+        )
+
+    def to_manifest(self) -> dict[str, Any]:
+        """JSON-ready fields for the manifest's train_config (machine-local paths left out)."""
+        data = dataclasses.asdict(self)
+        for name in MACHINE_LOCAL_FIELDS:
+            data.pop(name)
+        data["out"] = str(self.out)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    @classmethod
+    def from_manifest(cls, saved: Mapping[str, Any], **overrides: Any) -> "TrainConfig":
+        """Rebuild a config from a manifest's train_config (unknown keys ignored), then apply overrides."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in saved.items() if k in known and k not in MACHINE_LOCAL_FIELDS}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise ConfigError(f"saved train_config is incomplete: {exc}") from exc
+
+
+def _as_names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.split(",")
+    names = tuple(str(v).strip() for v in value)
+    if any(not n for n in names):
+        raise ConfigError(f"target_modules must be non-empty module names, got {value!r}")
+    return names
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_range(name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise ConfigError(f"{name} must be in {left}{low}, {high}{right}, got {value!r}")
