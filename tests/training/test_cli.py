@@ -1,0 +1,86 @@
+"""The `training` CLI: JSON on stdout when it works; one line on stderr and exit code 2 when the user erred."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.cli import USAGE_ERROR, main
+
+TINY_FLAGS = ["--max-steps", "2", "--batch-size", "4", "--lora-r", "2", "--val-fraction", "0.25", "--no-progress"]
+
+
+def _error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "an error message is expected on stderr"
+    return err[-1]
+
+
+def test_train_then_eval(tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Path, capsys) -> None:
+    out = tmp_path / "adapter"
+    assert main(["lora", "--base", str(tiny_bert_dir), "--data", str(sentiment_csv), "--out", str(out), *TINY_FLAGS]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["out"] == str(out) and trained["task"] == "classification" and trained["labels"] == ["neg", "pos"]
+    assert main(["eval", str(out), "--no-progress"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["held_out"] == trained["metrics"]["held_out"]
+
+
+@pytest.mark.parametrize("method", ["qlora", "prompt", "prefix", "ptuning", "ia3", "freeze", "full"])
+def test_methods_not_landed_yet(method: str, capsys) -> None:
+    assert main([method, "--base", "b", "--data", "d", "--out", "o"]) == USAGE_ERROR
+    assert _error_line(capsys) == f"training: error: method {method!r} is not implemented yet; available: lora"
+
+
+def test_export_not_landed_yet(capsys) -> None:
+    assert main(["export", "some/adapter", "--format", "onnx"]) == USAGE_ERROR
+    assert "not implemented yet" in _error_line(capsys)
+
+
+def _bad_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "bad.csv"
+    path.write_text("text,label\ngood,pos\nbad,neg,oops\n")
+    return path
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing data", "neither a bundled data set"),
+    ("malformed rows", "bad.csv:3: expected 2 fields"),
+    ("unknown base", "unknown base 'no-such-base'"),
+    ("bad value", "lr must be in"),
+    ("completion on an encoder", "completion needs a causal LM base"),
+])
+def test_user_errors_are_one_line_and_exit_2(
+    case: str, expected: str, tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Path, capsys
+) -> None:
+    args = {"--base": str(tiny_bert_dir), "--data": str(sentiment_csv), "--out": str(tmp_path / "out")}
+    extra: list[str] = []
+    if case == "missing data":
+        args["--data"] = str(tmp_path / "missing.csv")
+    elif case == "malformed rows":
+        args["--data"] = str(_bad_csv(tmp_path))
+    elif case == "unknown base":
+        args["--base"] = "no-such-base"
+    elif case == "bad value":
+        extra = ["--lr", "-1"]
+    else:
+        args["--data"] = "chatterbot:trivia"
+        extra = ["--task", "completion"]
+    argv = ["lora", *[item for pair in args.items() for item in pair], *TINY_FLAGS, *extra]
+    assert main(argv) == USAGE_ERROR
+    line = _error_line(capsys)
+    assert line.startswith("training: error: ") and expected in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_of_a_folder_that_is_no_adapter(tmp_path: Path, capsys) -> None:
+    assert main(["eval", str(tmp_path)]) == USAGE_ERROR
+    assert "adapter_config.json is missing" in _error_line(capsys)
+
+
+def test_argparse_usage_errors_exit_2(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["lora", "--base", "b"])
+    assert exited.value.code == USAGE_ERROR

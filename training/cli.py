@@ -1,0 +1,112 @@
+"""`training METHOD ...` / `training eval ...`: argparse over TrainConfig, one-line errors, exit code 2.
+
+The METHOD flags are generated from TrainConfig's fields (name, type, help), so the config's help text
+is the CLI's help text. Results go to stdout as JSON; progress bars and warnings go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from adapters import AdapterError, BaseNotFoundError
+from training.config import IMPLEMENTED_METHODS, METHODS, TrainConfig
+from training.errors import MethodNotImplementedError, TrainingError
+
+USAGE_ERROR = 2  # argparse's own exit code for bad usage; user errors share it
+NOT_YET_COMMANDS = ("export",)
+COMMAND_FLAGS_EXCLUDED = ("method",)  # set by the sub-command itself
+
+
+def _converter(annotation: Any) -> Callable[[str], Any]:
+    """argparse `type=` for a TrainConfig annotation (int, float, str, Path, X | None, tuple[str, ...])."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is tuple:
+        return str  # comma-separated; TrainConfig splits it
+    if args:
+        return _converter(args[0])
+    return annotation if annotation in (int, float, str, Path) else str
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in COMMAND_FLAGS_EXCLUDED:
+            continue
+        required = field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        help_text = field.metadata.get("help", "")
+        if field.default not in (dataclasses.MISSING, None, ()):
+            help_text += f" (default: {field.default})"
+        parser.add_argument(
+            "--" + field.name.replace("_", "-"), dest=field.name, type=_converter(hints[field.name]),
+            required=required, default=argparse.SUPPRESS, help=help_text,
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="training", description="Train adapters from data, evaluate them.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for method in METHODS:
+        sub = commands.add_parser(method, help=f"train a {method} adapter", description=f"Train a {method} adapter.")
+        _add_config_arguments(sub)
+        sub.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    evaluate = commands.add_parser("eval", help="print an adapter's held-out figures as JSON")
+    evaluate.add_argument("adapter_dir", type=Path, help="adapter folder (PEFT files, manifest optional)")
+    evaluate.add_argument("--data", help="data set name or CSV/JSONL path (default: the one it was trained on)")
+    evaluate.add_argument("--base", help="base name or path (default: the manifest's base)")
+    evaluate.add_argument("--split", choices=("validation", "all"), default="validation",
+                          help="validation: the rows training held out; all: every row")
+    evaluate.add_argument("--batch-size", type=int, help="rows per evaluation batch")
+    evaluate.add_argument("--cache-dir", type=Path, help="where prepared bases are cached")
+    evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    for name in NOT_YET_COMMANDS:
+        later = commands.add_parser(name, help=f"{name} (not implemented yet)")
+        later.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    from training.runner import run_training  # heavy imports (torch, transformers) only when needed
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    config = TrainConfig(method=args.command, **values)
+    result = run_training(config, progress=not args.no_progress)
+    manifest = result.manifest
+    return {"out": str(result.out), "task": manifest.task, "base": manifest.base_name,
+            "labels": list(manifest.labels), "metrics": manifest.metrics}
+
+
+def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    from training.evaluate import evaluate_adapter
+
+    return evaluate_adapter(args.adapter_dir, data=args.data, base=args.base, split=args.split,
+                            cache_dir=args.cache_dir, batch_size=args.batch_size, progress=not args.no_progress)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad usage or input the user can fix)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command in NOT_YET_COMMANDS:
+            raise MethodNotImplementedError(f"'training {args.command}' is not implemented yet")
+        if args.command in METHODS and args.command not in IMPLEMENTED_METHODS:  # checked before torch loads
+            raise MethodNotImplementedError(
+                f"method {args.command!r} is not implemented yet; available: {', '.join(IMPLEMENTED_METHODS)}"
+            )
+        result = _evaluate(args) if args.command == "eval" else _train(args)
+    except (TrainingError, BaseNotFoundError, AdapterError) as exc:
+        print(f"training: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
