@@ -6,4 +6,6 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 VENV=${VENV:-.venv}
 export LORAPLEX_CACHE=${LORAPLEX_CACHE:-$HOME/.cache/loraplex}
+echo "==> hadolint Dockerfile"
+"$VENV/bin/hadolint" Dockerfile
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"
