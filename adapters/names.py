@@ -5,7 +5,7 @@ import re
 from adapters.errors import AdapterNameError
 
 MAX_NAME_LENGTH = 128
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # used with fullmatch: "$" would let "name\n" through
 
 
 def validate_adapter_name(name: str) -> str:
@@ -20,7 +20,7 @@ def validate_adapter_name(name: str) -> str:
         raise AdapterNameError(f"adapter name is longer than {MAX_NAME_LENGTH} characters")
     if ".." in name or "/" in name or "\\" in name:
         raise AdapterNameError(f"adapter name {name!r} must not contain path separators or '..'")
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise AdapterNameError(
             f"adapter name {name!r} may only use letters, digits, '.', '_' and '-', "
             "and must start with a letter or digit"
