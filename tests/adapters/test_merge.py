@@ -47,7 +47,8 @@ def test_merge_keeps_the_weight_dtype():
 
 @pytest.mark.parametrize("config", [
     {},
-    {"r": 8, "lora_alpha": 4, "use_rslora": True, "rank_pattern": {"v_proj": 2}, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    {"r": 8, "lora_alpha": 4, "use_rslora": True, "rank_pattern": {"v_proj": 2},
+     "target_modules": ["q_proj", "v_proj", "down_proj"]},
 ], ids=["q-v", "rslora-patterns"])
 def test_merged_base_gives_peft_logits(tmp_path, tiny_llama_dir, config):
     peft_model = make_peft_model(tiny_llama_dir, **config)

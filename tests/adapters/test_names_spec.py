@@ -54,9 +54,11 @@ def test_rank_and_alpha_patterns_apply_per_module():
         "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
         "rank_pattern": {"v_proj": 4, "model.layers.1.self_attn.q_proj": 2}, "alpha_pattern": {"v_proj": 2},
     })
-    assert (spec.rank_for("model.layers.0.self_attn.q_proj"), spec.scaling_for("model.layers.0.self_attn.q_proj")) == (8, 2.0)
-    assert (spec.rank_for("model.layers.1.self_attn.q_proj"), spec.scaling_for("model.layers.1.self_attn.q_proj")) == (2, 8.0)
-    assert (spec.rank_for("model.layers.0.self_attn.v_proj"), spec.scaling_for("model.layers.0.self_attn.v_proj")) == (4, 0.5)
+    expected = {"layers.0.self_attn.q_proj": (8, 2.0), "layers.1.self_attn.q_proj": (2, 8.0),
+                "layers.0.self_attn.v_proj": (4, 0.5)}
+    for module, rank_and_scaling in expected.items():
+        name = "model." + module
+        assert (spec.rank_for(name), spec.scaling_for(name)) == rank_and_scaling, name
     rs = parse_lora_config({"r": 4, "lora_alpha": 8, "target_modules": ["o"], "use_rslora": True,
                             "rank_pattern": {"o": 16}})
     assert math.isclose(rs.scaling_for("layers.0.o"), 8 / 4)
