@@ -7,7 +7,6 @@ once, and hands each request its slice of the results. A lone request is served 
 from __future__ import annotations
 
 import collections
-import copy
 import logging
 import threading
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Callable
 from server.engine.base_model import BaseModel
 from server.engine.classify import Classification, classify_rows
 from server.engine.loaded import LoadedAdapter
+from server.engine.worker import ModelWorker
 
 log = logging.getLogger(__name__)
 
@@ -29,28 +29,14 @@ class ClassifyJob:
     done: Callable[[list[Classification] | BaseException], None]  # called on the batcher thread
 
 
-class ClassifyBatcher:
+class ClassifyBatcher(ModelWorker):
     def __init__(self, base: BaseModel, model_lock: threading.Lock, max_batch_texts: int, max_length: int,
                  on_batch: Callable[[int], None] | None = None) -> None:
-        self.base = base
-        self.tokenizer = copy.deepcopy(base.tokenizer)  # this thread's own: fast tokenizers are not thread-safe
-        self.model_lock = model_lock
+        super().__init__(base, model_lock, "loraplex-classify")
         self.max_batch_texts = max_batch_texts
         self.max_length = max_length
         self.on_batch = on_batch
         self._queue: collections.deque[ClassifyJob] = collections.deque()
-        self._cond = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="loraplex-classify", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
-        self._thread.join(timeout=30)
 
     def submit(self, job: ClassifyJob) -> None:
         with self._cond:

@@ -10,7 +10,6 @@ Running requests keep KV slots 0..n-1 in order, so the decode step reads the cac
 from __future__ import annotations
 
 import collections
-import copy
 import logging
 import threading
 import time
@@ -23,6 +22,7 @@ from server.engine.decode_state import DecodeState, TextDelta
 from server.engine.generate import eos_ids
 from server.engine.loaded import LoadedAdapter
 from server.engine.merge_mode import Merger
+from server.engine.worker import ModelWorker
 from server.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -78,32 +78,21 @@ class SchedulerStats:
     batch_sizes: collections.Counter = field(default_factory=collections.Counter)
 
 
-class Scheduler:
+class Scheduler(ModelWorker):
     def __init__(self, base: BaseModel, limits: SchedulerLimits, model_lock: threading.Lock,
                  on_step: Callable[[str, int, float], None] | None = None, merge: bool = False) -> None:
-        self.base = base
+        super().__init__(base, model_lock, "loraplex-scheduler")
         self.merger = Merger(base) if merge else None  # merge mode: one adapter in the weights at a time
-        self.model_lock = model_lock  # shared with other users of the model (classification)
         self.limits = limits
         self.runner = BatchRunner(base, limits.max_running, limits.max_len)
         self.eos_ids = eos_ids(base)
-        self.tokenizer = copy.deepcopy(base.tokenizer)  # this thread's own: fast tokenizers are not thread-safe
         self.on_step = on_step  # (phase, batch size, seconds): metrics hook
         self.stats = SchedulerStats(kv_capacity=limits.max_running * limits.max_len)
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._running: list[_Running] = []
-        self._cond = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._loop, name="loraplex-scheduler", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
 
     def stop(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
-        self._thread.join(timeout=30)
+        super().stop()
         if self.merger is not None:  # leave the shared base as it was found
             with self.model_lock:
                 self.merger.switch_to(None)
