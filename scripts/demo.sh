@@ -6,11 +6,15 @@ cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 VENV=${VENV:-.venv}
 args=()
+count=0
 for dir in examples/adapters/*/; do
   dir=${dir%/}
   [ -f "$dir/adapter_config.json" ] || continue
   task=$("$VENV/bin/python" -c "import json,sys; print(json.load(open(sys.argv[1])).get('task',''))" "$dir/manifest.json")
-  [ "$task" = "completion" ] && args+=(--adapter "$(basename "$dir")=$dir")
+  if [ "$task" = "completion" ]; then
+    args+=(--adapter "$(basename "$dir")=$dir")
+    count=$((count + 1))
+  fi
 done
-echo "==> serving smollm2-135m with ${#args[@]} / 2 example adapters on http://127.0.0.1:8000 (Ctrl-C stops)"
+echo "==> serving smollm2-135m with $count example adapters on http://127.0.0.1:8000 (Ctrl-C stops)"
 exec "$VENV/bin/server" serve --base smollm2-135m "${args[@]}" "$@"
