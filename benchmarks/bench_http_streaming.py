@@ -67,7 +67,8 @@ async def run_clients(url: str, models: list[str], prompts: list[str], clients: 
         async with httpx.AsyncClient(base_url=url, timeout=600) as client:
             while not queue.empty():
                 _, prompt = queue.get_nowait()
-                total += await stream_one(client, models[index % len(models)], prompt, new_tokens)
+                tokens = await stream_one(client, models[index % len(models)], prompt, new_tokens)
+                total += tokens  # not `total += await ...`: that reads `total` before the await and loses updates
 
     started = time.perf_counter()
     await asyncio.gather(*(client_loop(i) for i in range(clients)))
