@@ -1,18 +1,54 @@
-"""Device and dtype, chosen once at start-up from the config; nothing branches on them in a forward."""
+"""Device, dtype and matmul kernel, chosen once at start-up from the config; nothing branches on them
+in a forward."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+LinearFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T + bias through oneDNN's linear: on x86 CPUs it streams the weights of a small-batch
+    (decode) matmul 1.2-2.4x faster than the default MKL path (benchmarks/bench_linear.py)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def linear_kernel_for(device: torch.device, dtype: torch.dtype) -> LinearFn:
+    """oneDNN on CPU where this torch has it and it agrees with F.linear; F.linear everywhere else."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
+        return F.linear
+    try:
+        probe = torch.randn(3, 2, 24, dtype=dtype)
+        weight, bias = torch.randn(40, 24, dtype=dtype), torch.randn(40, dtype=dtype)
+        ours = onednn_linear(probe, weight, bias)
+        tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+        if not torch.allclose(ours.float(), F.linear(probe, weight, bias).float(), atol=tolerance, rtol=tolerance):
+            raise RuntimeError("disagrees with F.linear")
+    except (RuntimeError, AttributeError) as exc:
+        log.warning("oneDNN linear unavailable (%s); using F.linear", exc)
+        return F.linear
+    return onednn_linear
 
 
 @dataclass(frozen=True)
 class Backend:
     device: torch.device
     dtype: torch.dtype
+    linear: LinearFn | None = None  # None: the fastest agreeing kernel for device and dtype
+
+    def __post_init__(self) -> None:
+        if self.linear is None:
+            object.__setattr__(self, "linear", linear_kernel_for(self.device, self.dtype))
 
 
 def choose_backend(device: str, dtype: str, quant: str) -> Backend:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.engine.backend import LinearFn
 from server.engine.loaded import LoadedAdapter
 from server.engine.lora_slots import LoraSlots
 
@@ -17,13 +18,16 @@ class ActiveAdapters:
     """Which adapter each batch row uses during the next forward; shared by every LoraLinear.
 
     Two kernels, chosen once at start-up: `loop` (the reference: one matmul pair per distinct adapter
-    in the batch, on its rows) and `stacked` (LoraSlots: two matmuls per module for any adapter mix,
-    used for decode steps; prefill steps still take the per-adapter path, which does less arithmetic).
+    in the batch, on its rows, gathered and scattered back) and `stacked`, the fast path. Stacked decode
+    steps (one token per row) use LoraSlots: two matmuls per module for any adapter mix. Stacked prefill
+    steps (compute-bound) run each run of consecutive rows sharing an adapter on views of x and out:
+    two matmuls per run, no gather, no scatter.
     """
 
     def __init__(self, slots: LoraSlots | None = None) -> None:
         self.slots = slots
         self.groups: list[tuple[LoadedAdapter, torch.Tensor | None]] = []  # loop kernel
+        self.runs: list[tuple[LoadedAdapter, int, int]] = []  # stacked prefill: (adapter, first row, end row)
         self.row_mask: torch.Tensor | None = None  # stacked kernel: [B, width]
         self.width = 0
         self.batch_slots: set[int] = set()
@@ -36,6 +40,8 @@ class ActiveAdapters:
             return
         if self.slots is not None:
             self._set_stacked(rows, list(distinct.values()), device)
+            self.runs = _runs(rows)
+            return
         if len(distinct) == 1 and all(a is not None for a in rows):
             self.groups = [(next(iter(distinct.values())), None)]
         else:
@@ -58,21 +64,23 @@ class ActiveAdapters:
 
     def clear(self) -> None:
         self.groups = []
+        self.runs = []
         self.row_mask = None
         self.batch_slots = set()
 
     def apply(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out + this module's LoRA delta for every row. x: [B, S, in], out: [B, S, out]."""
-        if self.row_mask is not None and x.shape[1] == 1:
+        if self.row_mask is not None:
+            if x.shape[1] > 1:  # prefill is compute-bound: each adapter only on its own rows
+                return self._apply_runs(name, x, out)
             # Decode (one token per row) is memory-bound: read every resident adapter once, two matmuls.
-            # Prefill is compute-bound: the loop below computes each adapter only on its own rows.
             stack = self.slots.stacks.get(name)
             if stack is None or not (stack.slots & self.batch_slots):
                 return out
             shrunk = F.linear(x.view(-1, x.shape[-1]), stack.a_cat[: self.width]).mul_(self.row_mask)  # [B, width]
             out.view(-1, out.shape[-1]).addmm_(shrunk, stack.b_cat[: self.width])
             return out
-        for adapter, rows in self.groups:
+        for adapter, rows in self.groups:  # the reference
             weights = adapter.lora.get(name)
             if weights is None:
                 continue
@@ -83,14 +91,42 @@ class ActiveAdapters:
         return out
 
 
-class LoraLinear(nn.Module):
-    """y = base(x) + scaling * B(A(x)) for the rows whose adapter targets this module."""
+    def _apply_runs(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        out = out.contiguous()  # rows of a contiguous [B, S, out] are views we can add into
+        for adapter, lo, hi in self.runs:
+            weights = adapter.lora.get(name)
+            if weights is None:
+                continue
+            shrunk = F.linear(x[lo:hi].reshape(-1, x.shape[-1]), weights.a)  # [rows * S, r]
+            out[lo:hi].view(-1, out.shape[-1]).addmm_(shrunk, weights.b.t(), alpha=weights.scaling)
+        return out
 
-    def __init__(self, base: nn.Linear, name: str, active: ActiveAdapters) -> None:
+
+def _runs(rows: list[LoadedAdapter | None]) -> list[tuple[LoadedAdapter, int, int]]:
+    """Maximal runs of consecutive rows with the same adapter (rows without one are skipped)."""
+    runs: list[tuple[LoadedAdapter, int, int]] = []
+    for index, adapter in enumerate(rows):
+        if adapter is None:
+            continue
+        if runs and runs[-1][0] is adapter and runs[-1][2] == index:
+            runs[-1] = (adapter, runs[-1][1], index + 1)
+        else:
+            runs.append((adapter, index, index + 1))
+    return runs
+
+
+class LoraLinear(nn.Module):
+    """y = base(x) + scaling * B(A(x)) for the rows whose adapter targets this module.
+
+    The base matmul goes through `linear` (the backend's kernel, see backend.py).
+    """
+
+    def __init__(self, base: nn.Linear, name: str, active: ActiveAdapters, linear: LinearFn = F.linear) -> None:
         super().__init__()
         self.base = base
         self.name = name
         self.active = active
+        self.linear = linear
 
     @property
     def weight(self) -> torch.Tensor:  # models that read `.weight` (tied embeddings) still work
@@ -98,14 +134,14 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, in] -> [B, S, out]
-        return self.active.apply(self.name, x, self.base(x))
+        return self.active.apply(self.name, x, self.linear(x, self.base.weight, self.base.bias))
 
 
-def wrap_linears(model: nn.Module, active: ActiveAdapters) -> list[str]:
+def wrap_linears(model: nn.Module, active: ActiveAdapters, linear: LinearFn = F.linear) -> list[str]:
     """Replace every nn.Linear in `model` by a LoraLinear (names as PEFT writes them). Returns the names."""
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoraLinear(module, name, active))
+        setattr(parent, child, LoraLinear(module, name, active, linear))
     return [name for name, _ in targets]
