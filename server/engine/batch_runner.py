@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from server.engine.base_model import BaseModel
+from server.engine.decoder import make_decoder
 from server.engine.kv_cache import SlotKVCache
 from server.engine.loaded import LoadedAdapter
 
@@ -24,7 +25,8 @@ class RowInput:
 
 
 class BatchRunner:
-    def __init__(self, base: BaseModel, num_slots: int, max_len: int) -> None:
+    def __init__(self, base: BaseModel, num_slots: int, max_len: int, lean: bool = True) -> None:
+        """`lean`: use the lean decoder forward where the architecture has one (decoder.py)."""
         if not base.can_generate:
             raise ValueError("batched generation needs a causal LM base")
         self.base = base
@@ -33,6 +35,7 @@ class BatchRunner:
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.cache = SlotKVCache(config.num_hidden_layers, num_slots, kv_heads, max_len, head_dim,
                                  base.backend.dtype, base.backend.device)
+        self.decoder = make_decoder(base.model, lean)
         self.lm_head = base.model.get_output_embeddings()
         self.mask_value = torch.finfo(base.backend.dtype).min
 
@@ -52,10 +55,7 @@ class BatchRunner:
         mask = torch.zeros(visible.shape, dtype=self.base.backend.dtype, device=device)
         mask = mask.masked_fill(~visible, self.mask_value)[:, None]  # [B, 1, S, L]
         with self.base.adapters_for_rows([r.adapter for r in rows]):
-            hidden = self.base.backbone(
-                input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-                cache_position=torch.arange(query_len, device=device), use_cache=True,
-            ).last_hidden_state  # [B, S, hidden]
+            hidden = self.decoder(input_ids, positions, mask, self.cache)  # [B, S, hidden]
             last = torch.tensor([len(r.tokens) - 1 for r in rows], device=device)
             final = hidden[torch.arange(len(rows), device=device), last]  # [B, hidden]
             return self.lm_head(final[:, None]).squeeze(1)  # [B, vocab]
