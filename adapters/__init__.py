@@ -5,7 +5,7 @@ It imports neither `server` nor `training`.
 
 from adapters.bases import EMBEDDED_BASES, BaseNotFoundError, PreparedBase, resolve_base
 from adapters.errors import AdapterError, AdapterFormatError, AdapterMismatchError, AdapterNameError
-from adapters.folder import CONFIG_FILE, WEIGHTS_FILE, AdapterFolder, LoraWeights, read_adapter_folder
+from adapters.folder import CONFIG_FILE, WEIGHTS_FILE, AdapterFolder, LoraWeights, folder_digest, read_adapter_folder
 from adapters.manifest import MANIFEST_FILE, Manifest, read_manifest, write_manifest
 from adapters.names import validate_adapter_name
 from adapters.spec import LoraSpec, parse_lora_config
@@ -15,7 +15,7 @@ from adapters.validate import BaseSignature, validate_against_base
 __all__ = [
     "EMBEDDED_BASES", "BaseNotFoundError", "PreparedBase", "resolve_base",
     "AdapterError", "AdapterFormatError", "AdapterMismatchError", "AdapterNameError",
-    "CONFIG_FILE", "WEIGHTS_FILE", "AdapterFolder", "LoraWeights", "read_adapter_folder",
+    "CONFIG_FILE", "WEIGHTS_FILE", "AdapterFolder", "LoraWeights", "folder_digest", "read_adapter_folder",
     "MANIFEST_FILE", "Manifest", "read_manifest", "write_manifest",
     "validate_adapter_name", "LoraSpec", "parse_lora_config",
     "AdapterStore", "atomic_directory", "BaseSignature", "validate_against_base",

@@ -7,6 +7,7 @@ here are relative to the task model PEFT wrapped (`...ForCausalLM` / `...ForSequ
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from adapters.errors import AdapterFormatError
-from adapters.manifest import Manifest, check_file_hashes, read_manifest
+from adapters.manifest import MANIFEST_FILE, Manifest, check_file_hashes, read_manifest, sha256_file
 from adapters.spec import LoraSpec, parse_lora_config
 
 CONFIG_FILE = "adapter_config.json"
@@ -61,6 +62,21 @@ class AdapterFolder:
     def num_parameters(self) -> int:
         tensors = [t for w in self.lora.values() for t in (w.a, w.b)] + list(self.extra.values())
         return sum(t.numel() for t in tensors)
+
+
+def folder_digest(path: str | Path) -> str:
+    """sha256 over the files that make the adapter (config, weights, manifest): a server that drops an
+    adapter from memory and re-reads it later checks that it reads the same adapter."""
+    folder = Path(path)
+    digest = hashlib.sha256()
+    for name in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE):
+        file = folder / name
+        if not file.is_file():
+            if name == MANIFEST_FILE:
+                continue
+            raise AdapterFormatError(f"{name} is missing in {folder.name!r}")
+        digest.update(f"{name}:{sha256_file(file)};".encode())
+    return digest.hexdigest()
 
 
 def read_adapter_folder(path: str | Path) -> AdapterFolder:

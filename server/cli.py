@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-name", default=None, help="model id of the base (default: the base name)")
     serve.add_argument("--max-num-seqs", type=int, default=16, help="requests decoding at once (KV cache slots)")
     serve.add_argument("--max-loras", type=int, default=32, help="distinct adapters in a batch (device LoRA slots)")
+    serve.add_argument("--max-cpu-loras", type=int, default=64,
+                       help="adapters kept loaded in memory (LRU); the others are re-read from their folder on use")
     serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
     serve.add_argument("--lora-kernel", choices=["stacked", "loop"], default="stacked")
     serve.add_argument("--merge", action="store_true",
@@ -85,7 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
         config = ServerConfig(
             base=args.base, host=args.host, port=args.port, adapters=dict(args.adapter), quant=args.quant,
             device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, served_name=args.served_name,
-            max_num_seqs=args.max_num_seqs, max_loras=args.max_loras, max_waiting=args.max_waiting,
+            max_num_seqs=args.max_num_seqs, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_waiting=args.max_waiting,
             lora_kernel=args.lora_kernel, merge=args.merge,
         )
     except ValueError as exc:

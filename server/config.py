@@ -47,6 +47,7 @@ class ServerConfig(BaseModel):
     max_classify_batch: int = Field(64, gt=0, description="most inputs in one /v1/classify request")
     classify_max_length: int = Field(256, gt=0, description="tokens per classification input (truncated)")
     max_adapters: int = Field(256, gt=0, description="most adapters registered at once")
+    max_cpu_loras: int = Field(64, gt=0, description="adapters kept loaded in memory (LRU); the rest re-read from disk")
     max_num_seqs: int = Field(16, gt=0, description="requests decoding at once (KV cache slots)")
     max_waiting: int = Field(256, gt=0, description="queued requests beyond which new ones get 429")
     max_num_batched_tokens: int = Field(2048, gt=0, description="prompt tokens prefilled in one step")

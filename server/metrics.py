@@ -66,6 +66,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
 
+    def observe_adapter_load(self, result: str, seconds: float) -> None:
+        """Registry hook after every adapter folder read: result ok (added), reload (re-read after an
+        eviction from memory) or error."""
+        self.adapter_loads.labels(result).inc()
+        if result != "error":
+            self.adapter_load_latency.observe(seconds)
+
     def observe_step(self, phase: str, batch_size: int, seconds: float) -> None:
         """Scheduler hook, once per batched forward."""
         self.batch_size.labels(phase).observe(batch_size)
@@ -97,11 +104,15 @@ class EngineCollector(Collector):
             "loraplex_num_requests_waiting": "Requests waiting for admission",
             "loraplex_kv_cache_usage_perc": "Fraction of the KV cache's token capacity in use",
             "loraplex_lora_slots_used": "Adapters resident in device LoRA slots",
+            "loraplex_adapters_resident": "Adapters loaded in memory (the rest are on disk until used)",
         }
         counters = {
             "loraplex_lora_slot_hits": "Batches whose adapter was already in a device slot",
             "loraplex_lora_slot_loads": "Adapters copied into a device slot (slot misses)",
             "loraplex_lora_slot_evictions": "Adapters evicted from a device slot (least recently used)",
+            "loraplex_adapter_cache_hits": "Requests whose adapter was in memory",
+            "loraplex_adapter_cache_misses": "Requests whose adapter was re-read from disk",
+            "loraplex_adapter_cache_evictions": "Adapters dropped from memory (least recently used, not held)",
         }
         for name, help_text in gauges.items():
             if name in values:

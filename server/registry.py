@@ -1,20 +1,31 @@
-"""Adapters by name, with an explicit state per entry: loading -> ready (a failed load leaves no entry,
-or the previous version in place, and the caller gets the error).
+"""Adapters by name, in two tiers: memory (an LRU of loaded adapters) <- the adapter's folder on disk.
 
-Loading reads and validates the folder outside the lock; the swap into the table is atomic, so a
-request resolves either the old version or the new one, never a half-loaded adapter.
+Each entry goes loading -> ready (a failed load leaves no entry, or the previous version in place, and
+the caller gets the error). A ready entry is *resident* (its weights loaded on the serving device) or
+*on disk*: when more than `max_resident` adapters are resident, the least recently used one that no
+request holds and that is not pinned is dropped from memory. The next request that names it re-reads
+its folder, after checking that the folder still holds the adapter that was added (`folder_digest`).
+The engine's device slots (LoraSlots) are the tier above this one.
+
+Requests `acquire` an adapter for their lifetime and `release` it at the end: a held adapter is never
+evicted. Loading reads and validates outside the table lock, and the swap into the table is atomic, so
+a request gets either the old version or the new one, never a half-loaded adapter; requests holding the
+old version of a replaced adapter finish on it.
 """
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from adapters import AdapterError, read_adapter_folder, validate_adapter_name, validate_against_base
+from adapters import AdapterError, folder_digest, read_adapter_folder, validate_adapter_name, validate_against_base
 from server.engine.base_model import BaseModel
 from server.engine.loaded import LoadedAdapter, load_adapter
 
@@ -31,8 +42,20 @@ class RegistryEntry:
     name: str
     state: AdapterState
     source: Path
-    adapter: LoadedAdapter | None = None
     pinned: bool = False
+    task: str | None = None
+    rank: int | None = None
+    version: int | None = None
+    digest: str = ""  # of the folder when added: a re-read must find the same adapter
+
+
+@dataclass
+class TierStats:
+    """Memory-tier counters, read by the metrics collector."""
+
+    hits: int = 0  # acquire found the adapter resident
+    misses: int = 0  # acquire re-read it from disk
+    evictions: int = 0  # dropped from memory (still registered, on disk)
 
 
 class UnknownAdapterError(KeyError):
@@ -52,11 +75,20 @@ class RegistryFullError(RuntimeError):
 
 
 class AdapterRegistry:
-    def __init__(self, base: BaseModel, max_adapters: int) -> None:
+    def __init__(self, base: BaseModel, max_adapters: int, max_resident: int | None = None,
+                 on_load: Callable[[str, float], None] | None = None) -> None:
+        """`max_adapters`: registered at most; `max_resident`: kept in memory (None: all of them);
+        `on_load(result, seconds)`: called after every folder read (metrics)."""
         self.base = base
         self.max_adapters = max_adapters
+        self.max_resident = max_resident or max_adapters
+        self.on_load = on_load
+        self.stats = TierStats()
         self._entries: dict[str, RegistryEntry] = {}
+        self._resident: collections.OrderedDict[str, LoadedAdapter] = collections.OrderedDict()  # LRU order
+        self._holds: collections.Counter[int] = collections.Counter()  # id(adapter) -> requests holding it
         self._lock = threading.Lock()
+        self._reload_locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self._versions = itertools.count(1)
 
     def entries(self) -> list[RegistryEntry]:
@@ -69,15 +101,103 @@ class AdapterRegistry:
     def ready_count(self) -> int:
         return sum(e.state is AdapterState.READY for e in self.entries())
 
+    def resident_count(self) -> int:
+        with self._lock:
+            return len(self._resident)
+
+    def is_resident(self, name: str) -> bool:
+        with self._lock:
+            return name in self._resident
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def acquire(self, name: str) -> LoadedAdapter:
+        """The ready adapter called `name`, held until `release`; re-read from disk if it was evicted.
+        Raises UnknownAdapterError, or AdapterNotReadyError (loading, or its folder changed or vanished)."""
+        while True:
+            entry = self._ready_entry(name)
+            adapter = self._hold_resident(entry)
+            if adapter is not None:
+                return adapter
+            with self._reload_locks[name]:  # one re-read per adapter at a time; the others wait for it
+                adapter = self._hold_resident(entry)
+                if adapter is not None:
+                    return adapter
+                loaded = self._reload(entry)
+                with self._lock:
+                    if self._entries.get(name) is not entry:  # removed or replaced while we read: look again
+                        continue
+                    self._resident[name] = loaded
+                    self._holds[id(loaded)] += 1
+                    self.stats.misses += 1
+                    self._evict_over_budget()
+                return loaded
+
+    def release(self, adapter: LoadedAdapter | None) -> None:
+        if adapter is None:
+            return
+        with self._lock:
+            key = id(adapter)
+            self._holds[key] -= 1
+            if self._holds[key] <= 0:
+                del self._holds[key]
+            self._evict_over_budget()
+
     def resolve(self, name: str) -> LoadedAdapter:
-        """The ready adapter called `name`; UnknownAdapterError or AdapterNotReadyError otherwise."""
+        """acquire() without a hold, for callers that keep no request open (tests, tools)."""
+        adapter = self.acquire(name)
+        self.release(adapter)
+        return adapter
+
+    def _ready_entry(self, name: str) -> RegistryEntry:
         with self._lock:
             entry = self._entries.get(name)
         if entry is None:
             raise UnknownAdapterError(name)
-        if entry.state is not AdapterState.READY or entry.adapter is None:
+        if entry.state is not AdapterState.READY:
             raise AdapterNotReadyError(f"adapter {name!r} is {entry.state.value}")
-        return entry.adapter
+        return entry
+
+    def _hold_resident(self, entry: RegistryEntry) -> LoadedAdapter | None:
+        with self._lock:
+            adapter = self._resident.get(entry.name)
+            if adapter is None or adapter.version != entry.version:
+                return None
+            self._resident.move_to_end(entry.name)
+            self._holds[id(adapter)] += 1
+            self.stats.hits += 1
+            return adapter
+
+    def _reload(self, entry: RegistryEntry) -> LoadedAdapter:
+        started = time.perf_counter()
+        try:
+            if folder_digest(entry.source) != entry.digest:
+                raise AdapterError("its files changed since it was added")
+            loaded = self._read(entry.name, entry.source, entry.version, entry.pinned)
+        except AdapterError as exc:
+            self._observe_load("error", started)
+            raise AdapterNotReadyError(
+                f"adapter {entry.name!r} was dropped from memory and cannot be re-read from {str(entry.source)!r} "
+                f"({exc}); add it again"
+            ) from exc
+        self._observe_load("reload", started)
+        log.info("adapter %s v%d re-read from %s", entry.name, loaded.version, entry.source)
+        return loaded
+
+    def _evict_over_budget(self) -> None:
+        """Drop least recently used adapters that nobody holds and nobody pinned (caller holds the lock)."""
+        excess = len(self._resident) - self.max_resident
+        for name in list(self._resident):
+            if excess <= 0:
+                return
+            adapter = self._resident[name]
+            if adapter.pinned or self._holds[id(adapter)] > 0:
+                continue
+            del self._resident[name]
+            self.stats.evictions += 1
+            excess -= 1
+
+    # -- admin -----------------------------------------------------------------------------------
 
     def add(self, name: str, path: str | Path, *, replace: bool = False, pinned: bool = False) -> LoadedAdapter:
         """Read, validate and load an adapter folder under `name`. Raises AdapterError on bad input."""
@@ -93,14 +213,12 @@ class AdapterRegistry:
                 raise RegistryFullError(f"the server holds {self.max_adapters} adapters already")
             if current is None:
                 self._entries[name] = RegistryEntry(name, AdapterState.LOADING, source, pinned=pinned)
+        started = time.perf_counter()
         try:
-            folder = read_adapter_folder(source)
-            validate_against_base(folder, self.base.signature)
-            if folder.task == "completion" and not self.base.can_generate:
-                raise AdapterError(f"completion adapter {name!r} needs a causal LM base; this base is an encoder")
-            loaded = load_adapter(name, next(self._versions), folder, self.base.backend.device, self.base.backend.dtype,
-                                  pinned=pinned)
+            digest = folder_digest(source) if source.is_dir() else ""
+            loaded = self._read(name, source, next(self._versions), pinned)
         except Exception as exc:
+            self._observe_load("error", started)
             with self._lock:
                 if current is None:
                     self._entries.pop(name, None)
@@ -108,8 +226,13 @@ class AdapterRegistry:
                 raise
             log.exception("loading adapter %s from %s failed", name, source)
             raise AdapterError(f"adapter {name!r} could not be loaded: {type(exc).__name__}") from exc
+        self._observe_load("ok", started)
+        entry = RegistryEntry(name, AdapterState.READY, source, pinned, loaded.task, loaded.rank, loaded.version, digest)
         with self._lock:
-            self._entries[name] = RegistryEntry(name, AdapterState.READY, source, loaded, pinned=pinned)
+            self._entries[name] = entry
+            self._resident[name] = loaded
+            self._resident.move_to_end(name)
+            self._evict_over_budget()
         log.info("adapter %s v%d ready (%s, rank %d, from %s)", name, loaded.version, loaded.task, loaded.rank, source)
         return loaded
 
@@ -118,4 +241,16 @@ class AdapterRegistry:
             if name not in self._entries:
                 raise UnknownAdapterError(name)
             del self._entries[name]
+            self._resident.pop(name, None)  # requests holding it finish on their reference
         log.info("adapter %s removed", name)
+
+    def _read(self, name: str, source: Path, version: int, pinned: bool) -> LoadedAdapter:
+        folder = read_adapter_folder(source)
+        validate_against_base(folder, self.base.signature)
+        if folder.task == "completion" and not self.base.can_generate:
+            raise AdapterError(f"completion adapter {name!r} needs a causal LM base; this base is an encoder")
+        return load_adapter(name, version, folder, self.base.backend.device, self.base.backend.dtype, pinned=pinned)
+
+    def _observe_load(self, result: str, started: float) -> None:
+        if self.on_load is not None:
+            self.on_load(result, time.perf_counter() - started)

@@ -32,7 +32,7 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
         backend = choose_backend(config.device, config.dtype, config.quant)
         base = load_base(resolve_base(config.base, config.cache_dir), backend, config.lora_kernel, config.max_loras)
     metrics = Metrics()
-    registry = AdapterRegistry(base, config.max_adapters)
+    registry = AdapterRegistry(base, config.max_adapters, config.max_cpu_loras, on_load=metrics.observe_adapter_load)
     for name, path in config.adapters.items():
         registry.add(name, path)
     metrics.adapters_loaded.set(registry.ready_count())
@@ -49,13 +49,18 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
         scheduler = Scheduler(base, limits, lock, on_step=metrics.observe_step, merge=config.merge)
     classifier = ClassifyBatcher(base, lock, config.max_classify_batch, config.classify_max_length,
                                  on_batch=lambda n: metrics.batch_size.labels("classify").observe(n))
-    metrics.registry.register(EngineCollector(lambda: engine_readings(scheduler, base)))
+    metrics.registry.register(EngineCollector(lambda: engine_readings(scheduler, base, registry)))
     return AppState(config=config, base=base, registry=registry, metrics=metrics, admin_token=token,
                     served_name=served, scheduler=scheduler, classifier=classifier)
 
 
-def engine_readings(scheduler: Scheduler | None, base: BaseModel) -> dict[str, float]:
-    values: dict[str, float] = {}
+def engine_readings(scheduler: Scheduler | None, base: BaseModel, registry: AdapterRegistry) -> dict[str, float]:
+    values: dict[str, float] = {
+        "loraplex_adapters_resident": registry.resident_count(),
+        "loraplex_adapter_cache_hits": registry.stats.hits,
+        "loraplex_adapter_cache_misses": registry.stats.misses,
+        "loraplex_adapter_cache_evictions": registry.stats.evictions,
+    }
     if scheduler is not None:
         stats = scheduler.stats
         values["loraplex_num_requests_running"] = stats.running

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter
 from starlette.concurrency import run_in_threadpool
 
@@ -15,16 +13,9 @@ router = APIRouter(tags=["admin"], dependencies=[Admin])
 
 
 async def _add(state: AppState, name: str, path: str, replace: bool, pin: bool) -> AdapterInfo:
-    started = time.perf_counter()
-    try:
-        await run_in_threadpool(state.registry.add, name, path, replace=replace, pinned=pin)
-    except Exception:
-        state.metrics.adapter_loads.labels("error").inc()
-        raise
-    state.metrics.adapter_loads.labels("ok").inc()
-    state.metrics.adapter_load_latency.observe(time.perf_counter() - started)
+    await run_in_threadpool(state.registry.add, name, path, replace=replace, pinned=pin)  # metrics: on_load
     state.metrics.adapters_loaded.set(state.registry.ready_count())
-    return _info(next(e for e in state.registry.entries() if e.name == name))
+    return _info(next(e for e in state.registry.entries() if e.name == name), state.registry.is_resident(name))
 
 
 def _remove(state: AppState, name: str) -> None:
@@ -32,12 +23,10 @@ def _remove(state: AppState, name: str) -> None:
     state.metrics.adapters_loaded.set(state.registry.ready_count())
 
 
-def _info(entry: RegistryEntry) -> AdapterInfo:
-    adapter = entry.adapter
+def _info(entry: RegistryEntry, resident: bool) -> AdapterInfo:
     return AdapterInfo(
         name=entry.name, state=entry.state.value, source=str(entry.source), pinned=entry.pinned,
-        task=adapter.task if adapter else None, rank=adapter.rank if adapter else None,
-        version=adapter.version if adapter else None,
+        task=entry.task, rank=entry.rank, version=entry.version, resident=resident,
     )
 
 
@@ -55,7 +44,7 @@ async def unload_lora_adapter(body: UnloadLoraRequest, state: State) -> dict:
 
 @router.get("/admin/adapters")
 async def list_adapters(state: State) -> list[AdapterInfo]:
-    return [_info(e) for e in state.registry.entries()]
+    return [_info(e, state.registry.is_resident(e.name)) for e in state.registry.entries()]
 
 
 @router.post("/admin/adapters")

@@ -8,8 +8,9 @@ from fastapi import APIRouter, Request
 
 from server.api.errors import ApiError
 from server.api.schemas import ClassifyItem, ClassifyRequest, ClassifyResponse, Usage
-from server.api.state import State
+from server.api.state import AppState, State
 from server.engine.classify_batcher import ClassifyJob
+from server.engine.loaded import LoadedAdapter
 
 router = APIRouter(tags=["classification"])
 
@@ -25,7 +26,15 @@ async def classify(body: ClassifyRequest, request: Request, state: State) -> Cla
         raise ApiError(400, f"at most {state.config.max_classify_batch} inputs per request")
     if any(not t for t in texts):
         raise ApiError(400, "inputs must not be empty strings")
-    adapter = state.resolve_model(body.model)
+    adapter = await state.acquire_model(body.model)
+    try:
+        return await _classify(state, body, texts, adapter, request)
+    finally:
+        state.release_model(adapter)
+
+
+async def _classify(state: AppState, body: ClassifyRequest, texts: list[str], adapter: LoadedAdapter | None,
+                    request: Request) -> ClassifyResponse:
     request.state.adapter_label = state.metrics.adapter_label(adapter.name if adapter else None)
     if adapter is None:
         raise ApiError(400, f"the base {body.model!r} has no classification head; name a classification adapter")

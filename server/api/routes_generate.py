@@ -46,33 +46,43 @@ async def completions(body: CompletionRequest, request: Request, state: State):
         raise ApiError(400, "exactly one prompt per request is served; send one request per prompt")
     if not prompts[0]:
         raise ApiError(400, "prompt must not be empty")
-    adapter = _resolve_generation_model(state, body.model, request)
-    prompt_ids = state.base.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
-    job = _make_job(state, body, body.max_tokens, adapter, prompt_ids, chat=False)
-    return await _respond(state, job, body, request)
+    adapter = await _acquire_generation_model(state, body.model, request)
+    try:
+        prompt_ids = state.base.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
+        job = _make_job(state, body, body.max_tokens, adapter, prompt_ids, chat=False)
+    except BaseException:
+        state.release_model(adapter)
+        raise
+    return await _respond(state, job, body, request)  # the submission releases the adapter when done
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
-    adapter = _resolve_generation_model(state, body.model, request)
-    tokenizer = state.base.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise ApiError(400, f"base {state.served_name!r} has no chat template; use /v1/completions")
-    if all(not m.content for m in body.messages):
-        raise ApiError(400, "messages must not all be empty")
-    messages = [m.model_dump() for m in body.messages]
-    prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    job = _make_job(state, body, max_tokens, adapter, list(prompt_ids), chat=True)
-    return await _respond(state, job, body, request)
+    adapter = await _acquire_generation_model(state, body.model, request)
+    try:
+        tokenizer = state.base.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise ApiError(400, f"base {state.served_name!r} has no chat template; use /v1/completions")
+        if all(not m.content for m in body.messages):
+            raise ApiError(400, "messages must not all be empty")
+        messages = [m.model_dump() for m in body.messages]
+        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        job = _make_job(state, body, max_tokens, adapter, list(prompt_ids), chat=True)
+    except BaseException:
+        state.release_model(adapter)
+        raise
+    return await _respond(state, job, body, request)  # the submission releases the adapter when done
 
 
-def _resolve_generation_model(state: AppState, model: str, request: Request) -> LoadedAdapter | None:
+async def _acquire_generation_model(state: AppState, model: str, request: Request) -> LoadedAdapter | None:
+    """The adapter (held: the caller releases it) or None for the base."""
     if not state.base.can_generate:
         raise ApiError(400, f"base {state.served_name!r} is an encoder; it serves /v1/classify only")
-    adapter = state.resolve_model(model)
+    adapter = await state.acquire_model(model)
     request.state.adapter_label = state.metrics.adapter_label(adapter.name if adapter else None)
     if adapter is not None and adapter.task != "completion":
+        state.release_model(adapter)
         raise ApiError(400, f"adapter {model!r} is a {adapter.task} adapter; use /v1/classify")
     return adapter
 
@@ -117,6 +127,8 @@ async def _respond(state: AppState, job: GenerationJob, body: SamplingFields, re
         deltas = [d async for d in _until_disconnect(submission.deltas(), request)]
     except GenerationFailed as exc:
         raise ApiError(500, "generation failed", "server_error") from exc
+    finally:
+        submission.close()
     text = "".join(d.text for d in deltas)
     completion_tokens = sum(1 for d in deltas if not _is_eos(d))
     finish = deltas[-1].finish_reason if deltas else "length"
@@ -140,24 +152,39 @@ def _is_eos(delta: TextDelta) -> bool:
 
 
 class _Submission:
-    """A request handed to the scheduler, and the asyncio queue its outputs arrive on."""
+    """A request handed to the scheduler, and the asyncio queue its outputs arrive on.
+
+    It owns the request's hold on its adapter from construction on: `close()` (idempotent) cancels the
+    request if it still runs and releases the adapter.
+    """
 
     def __init__(self, state: AppState, job: GenerationJob) -> None:
-        if state.scheduler is None:
-            raise ApiError(400, f"base {state.served_name!r} does not generate")
+        self.state, self.job = state, job
+        self._closed = False
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[TextDelta | BaseException] = asyncio.Queue()
-        self.state, self.job = state, job
         self.label = state.metrics.adapter_label(job.adapter.name if job.adapter else None)
         self.request = GenerationRequest(
             job.prompt_ids, job.params, job.adapter,
             emit=lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item),
         )
         try:
+            if state.scheduler is None:
+                raise ApiError(400, f"base {state.served_name!r} does not generate")
             state.scheduler.submit(self.request)
         except QueueFullError as exc:
+            self.close()
             raise ApiError(429, f"server is busy: {exc}", "rate_limit_error", {"Retry-After": RETRY_AFTER_S}) from exc
+        except BaseException:
+            self.close()
+            raise
         state.metrics.prompt_tokens.labels(self.label).inc(len(job.prompt_ids))
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.request.cancel()
+            self.state.release_model(self.job.adapter)
 
     async def deltas(self) -> AsyncIterator[TextDelta]:
         """The request's deltas until it finishes; cancelling or closing this iterator frees its slot."""
@@ -182,7 +209,7 @@ class _Submission:
                     metrics.e2e_latency.labels(self.label).observe(now - self.job.started)
                     return
         finally:
-            self.request.cancel()
+            self.close()
 
 
 class GenerationFailed(Exception):
@@ -247,4 +274,5 @@ async def _sse(submission: _Submission, include_usage: bool, latency) -> AsyncIt
         yield f"data: {json.dumps({'error': {'message': 'generation failed', 'type': 'server_error', 'code': 500}})}\n\n"
     finally:
         await gen.aclose()
+        submission.close()
         latency.observe(time.perf_counter() - job.started)

@@ -17,10 +17,10 @@ async def list_models(state: State) -> ModelList:
     base_task = "completion" if state.base.can_generate else "classification"
     cards = [ModelCard(id=state.served_name, created=state.started_at, root=str(state.base.prepared.path), task=base_task)]
     for entry in state.registry.entries():
-        if entry.state is AdapterState.READY and entry.adapter is not None:
+        if entry.state is AdapterState.READY:
             cards.append(ModelCard(
                 id=entry.name, created=state.started_at, root=str(entry.source), parent=state.served_name,
-                task=entry.adapter.task,
+                task=entry.task,
             ))
     return ModelList(data=cards)
 

@@ -113,3 +113,4 @@ class AdapterInfo(BaseModel):
     rank: int | None = None
     version: int | None = None
     pinned: bool = False
+    resident: bool = False  # in memory now; False: on disk only, re-read when a request names it

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
+from starlette.concurrency import run_in_threadpool
 
 from server.api.errors import ApiError
 from server.config import ServerConfig
@@ -35,9 +36,17 @@ class AppState:
     def max_model_len(self) -> int:
         return min(self.config.max_model_len, self.base.context_length)
 
-    def resolve_model(self, model: str) -> LoadedAdapter | None:
-        """None for the base's own name; the adapter otherwise (404 / 409 raised by the registry)."""
-        return None if model == self.served_name else self.registry.resolve(model)
+    async def acquire_model(self, model: str) -> LoadedAdapter | None:
+        """None for the base's own name; else the adapter, held (never evicted) until `release_model`.
+        404 / 409 are raised by the registry. A re-read from disk runs off the event loop."""
+        if model == self.served_name:
+            return None
+        if self.registry.is_resident(model):
+            return self.registry.acquire(model)
+        return await run_in_threadpool(self.registry.acquire, model)
+
+    def release_model(self, adapter: LoadedAdapter | None) -> None:
+        self.registry.release(adapter)
 
 
 def get_state(request: Request) -> AppState:
