@@ -30,6 +30,7 @@ class ActiveAdapters:
         self.runs: list[tuple[LoadedAdapter, int, int]] = []  # stacked prefill: (adapter, first row, end row)
         self.row_mask: torch.Tensor | None = None  # stacked kernel: [B, width]
         self.width = 0
+        self.gather: torch.Tensor | None = None  # stack rows of the batch's slots, when not a leading block
         self.batch_slots: set[int] = set()
 
     def set_rows(self, rows: list[LoadedAdapter | None], device: torch.device) -> None:
@@ -52,20 +53,32 @@ class ActiveAdapters:
 
     def _set_stacked(self, rows: list[LoadedAdapter | None], adapters: list[LoadedAdapter],
                      device: torch.device) -> None:
+        """Decode reads the batch's slots from the stacks: the leading block of the stacks up to the highest
+        slot in the batch when that is at most twice the batch's own blocks, else only the batch's blocks,
+        gathered per module (many resident adapters, few of them in this batch)."""
         slot_of = self.slots.slots_for(adapters)
-        rank, self.width = self.slots.rank, self.slots.used_width()
+        rank = self.slots.rank
+        batch_slots = sorted(set(slot_of.values()))
+        if (batch_slots[-1] + 1) <= 2 * len(batch_slots):
+            column = {slot: slot for slot in batch_slots}
+            self.width, self.gather = (batch_slots[-1] + 1) * rank, None
+        else:
+            column = {slot: i for i, slot in enumerate(batch_slots)}
+            self.width = len(batch_slots) * rank
+            self.gather = torch.tensor([s * rank + j for s in batch_slots for j in range(rank)], device=device)
         mask = torch.zeros(len(rows), self.width, dtype=self.slots.dtype, device=device)
         for row, adapter in enumerate(rows):
             if adapter is not None:
-                slot = slot_of[id(adapter)]
-                mask[row, slot * rank:(slot + 1) * rank] = 1
+                block = column[slot_of[id(adapter)]]
+                mask[row, block * rank:(block + 1) * rank] = 1
         self.row_mask = mask  # [B, width]: decode steps have one token per row
-        self.batch_slots = set(slot_of.values())
+        self.batch_slots = set(batch_slots)
 
     def clear(self) -> None:
         self.groups = []
         self.runs = []
         self.row_mask = None
+        self.gather = None
         self.batch_slots = set()
 
     def apply(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -77,8 +90,12 @@ class ActiveAdapters:
             stack = self.slots.stacks.get(name)
             if stack is None or not (stack.slots & self.batch_slots):
                 return out
-            shrunk = F.linear(x.view(-1, x.shape[-1]), stack.a_cat[: self.width]).mul_(self.row_mask)  # [B, width]
-            out.view(-1, out.shape[-1]).addmm_(shrunk, stack.b_cat[: self.width])
+            if self.gather is None:
+                a_cat, b_cat = stack.a_cat[: self.width], stack.b_cat[: self.width]
+            else:
+                a_cat, b_cat = stack.a_cat.index_select(0, self.gather), stack.b_cat.index_select(0, self.gather)
+            shrunk = F.linear(x.view(-1, x.shape[-1]), a_cat).mul_(self.row_mask)  # [B, width]
+            out.view(-1, out.shape[-1]).addmm_(shrunk, b_cat)
             return out
         for adapter, rows in self.groups:  # the reference
             weights = adapter.lora.get(name)

@@ -9,8 +9,9 @@ and a batch whose rows use slots `row_slot[b]` gets its LoRA delta as
 
     delta = ((x @ a_cat.T) * row_mask) @ b_cat,   row_mask[b] = 1 on block row_slot[b], 0 elsewhere
 
-Both stacks keep slots as ROW blocks, so the slots in use are a contiguous leading slice (a column
-slice of a row-major matrix sends matmul down a slow strided path).
+Both stacks keep slots as ROW blocks, so a batch reads a contiguous leading slice, or gathers the rows
+of its own slots when it uses few of many resident adapters (a column slice of a row-major matrix would
+send matmul down a slow strided path).
 
 which equals, row by row, scaling * B(A(x)) of that row's adapter (the loop reference in lora_layer.py):
 every other block is multiplied by exact zeros. Cost: two matmuls per module whatever the adapter mix,
@@ -68,11 +69,6 @@ class LoraSlots:
 
     def resident(self) -> int:
         return sum(a is not None for a in self._adapter_in)
-
-    def used_width(self) -> int:
-        """Columns of the stacks in use: up to the highest occupied slot."""
-        occupied = [s for s, a in enumerate(self._adapter_in) if a is not None]
-        return (max(occupied) + 1) * self.rank if occupied else 0
 
     def _free_slot(self, keep: set[int]) -> int:
         for slot, adapter in enumerate(self._adapter_in):

@@ -74,6 +74,23 @@ def test_stacked_equals_loop(popularity, seed):
         stacked.clear()
 
 
+def test_a_batch_of_few_among_many_resident_adapters_gathers_its_slots():
+    gen = torch.Generator().manual_seed(3)
+    loop, stacked = ActiveAdapters(), ActiveAdapters(LoraSlots(8, MODULES, torch.device("cpu"), torch.float32))
+    loop_layers = _layers(loop, gen)
+    stacked_layers = {name: LoraLinear(layer.base, name, stacked) for name, layer in loop_layers.items()}
+    pool = [_adapter(f"a{i}", 4, ["q", "down"], gen) for i in range(8)]
+    stacked.set_rows(pool, torch.device("cpu"))  # all 8 resident, in slots 0..7
+    assert stacked.gather is None and stacked.width == 8 * 4
+    rows = [pool[7], None, pool[6]]  # slots 7 and 6 only: gathered, not the 8-slot leading block
+    stacked.set_rows(rows, torch.device("cpu"))
+    loop.set_rows(rows, torch.device("cpu"))
+    assert stacked.gather is not None and stacked.width == 2 * 4
+    x = torch.randn(3, 1, 16, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(stacked_layers["q"](x), loop_layers["q"](x), atol=1e-5, rtol=1e-5)
+
+
 def test_rows_without_adapter_get_exactly_the_base():
     gen = torch.Generator().manual_seed(0)
     active = ActiveAdapters(LoraSlots(2, MODULES, torch.device("cpu"), torch.float32))
