@@ -18,8 +18,9 @@ LinearFn = Callable[[torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T + bias through oneDNN's linear: on x86 CPUs it streams the weights of a small-batch
-    (decode) matmul 1.2-2.4x faster than the default MKL path (benchmarks/bench_linear.py)."""
+    """x @ weight.T + bias through oneDNN's linear. On this project's 2-core x86 machine a pass over
+    SmolLM2's 211 weight matrices ran 1.44x faster than F.linear (MKL) at 8 rows and 1.27x at 512 rows
+    (benchmarks/bench_linear.py)."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
