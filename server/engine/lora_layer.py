@@ -32,6 +32,10 @@ class ActiveAdapters:
         self.width = 0
         self.gather: torch.Tensor | None = None  # stack rows of the batch's slots, when not a leading block
         self.batch_slots: set[int] = set()
+        # per-module (a, b) the decode kernel reads, or None where the batch has no weights; valid while
+        # the slots' generation and the batch's layout (width, gathered slots) stay the same
+        self._views: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
+        self._layout: tuple | None = None
 
     def set_rows(self, rows: list[LoadedAdapter | None], device: torch.device) -> None:
         """rows[i] is the adapter of batch row i (None: base only)."""
@@ -73,6 +77,20 @@ class ActiveAdapters:
                 mask[row, block * rank:(block + 1) * rank] = 1
         self.row_mask = mask  # [B, width]: decode steps have one token per row
         self.batch_slots = set(batch_slots)
+        layout = (self.slots.generation, self.width, tuple(batch_slots) if self.gather is not None else None)
+        if layout != self._layout:
+            self._views, self._layout = {}, layout
+
+    def _decode_views(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if name not in self._views:
+            stack = self.slots.stacks.get(name)
+            if stack is None or not (stack.slots & self.batch_slots):
+                self._views[name] = None
+            elif self.gather is None:
+                self._views[name] = (stack.a_cat[: self.width], stack.b_cat[: self.width])
+            else:
+                self._views[name] = (stack.a_cat.index_select(0, self.gather), stack.b_cat.index_select(0, self.gather))
+        return self._views[name]
 
     def clear(self) -> None:
         self.groups = []
@@ -87,13 +105,10 @@ class ActiveAdapters:
             if x.shape[1] > 1:  # prefill is compute-bound: each adapter only on its own rows
                 return self._apply_runs(name, x, out)
             # Decode (one token per row) is memory-bound: read every resident adapter once, two matmuls.
-            stack = self.slots.stacks.get(name)
-            if stack is None or not (stack.slots & self.batch_slots):
+            views = self._decode_views(name)
+            if views is None:
                 return out
-            if self.gather is None:
-                a_cat, b_cat = stack.a_cat[: self.width], stack.b_cat[: self.width]
-            else:
-                a_cat, b_cat = stack.a_cat.index_select(0, self.gather), stack.b_cat.index_select(0, self.gather)
+            a_cat, b_cat = views
             shrunk = F.linear(x.view(-1, x.shape[-1]), a_cat).mul_(self.row_mask)  # [B, width]
             out.view(-1, out.shape[-1]).addmm_(shrunk, b_cat)
             return out

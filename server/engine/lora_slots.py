@@ -49,6 +49,7 @@ class LoraSlots:
         self.loads = 0
         self.evictions = 0
         self.hits = 0
+        self.generation = 0  # bumped whenever the stacks' contents or layout change
 
     @torch.inference_mode()  # stacks are inference tensors: always created and updated in this mode
     def slots_for(self, adapters: list[LoadedAdapter]) -> dict[int, int]:
@@ -83,6 +84,7 @@ class LoraSlots:
         raise RuntimeError("no LoRA slot can be freed: every slot holds a pinned adapter or one of this batch")
 
     def _clear(self, slot: int) -> None:
+        self.generation += 1
         lo, hi = slot * self.rank, (slot + 1) * self.rank
         for stack in self.stacks.values():
             if slot in stack.slots:
@@ -92,6 +94,7 @@ class LoraSlots:
         self._adapter_in[slot] = None
 
     def _load(self, adapter: LoadedAdapter, slot: int) -> int:
+        self.generation += 1
         if adapter.rank > self.rank:
             self._grow(adapter.rank)
         lo = slot * self.rank
