@@ -48,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--sequential-requests", type=int, default=8, help="requests timed for (d); it is slow")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=4, help="interleave the systems over this many rounds")
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--skip-peft", action="store_true")
     p.add_argument("--cache-dir", default=os.environ.get("LORAPLEX_CACHE", str(Path.home() / ".cache" / "loraplex")))
@@ -118,7 +119,7 @@ def run_engine(base, prompts, adapters: list[LoadedAdapter | None], concurrency:
     elapsed = time.perf_counter() - started
     sched.stop()
     assert all(c == new_tokens for c in counts), counts
-    return {"tokens_per_s": sum(counts) / elapsed, "seconds": elapsed}
+    return {"tokens": sum(counts), "seconds": elapsed, "tokens_per_s": sum(counts) / elapsed}
 
 
 def run_peft_batched(model, prompts, names: list[str], concurrency: int, new_tokens: int) -> dict:
@@ -131,7 +132,7 @@ def run_peft_batched(model, prompts, names: list[str], concurrency: int, new_tok
                                  adapter_names=names[lo:lo + concurrency], pad_token_id=0)
         tokens += (out.shape[1] - batch.shape[1]) * batch.shape[0]
     elapsed = time.perf_counter() - started
-    return {"tokens_per_s": tokens / elapsed, "seconds": elapsed}
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
 
 
 def run_peft_sequential(model, prompts, names: list[str], new_tokens: int) -> dict:
@@ -144,7 +145,7 @@ def run_peft_sequential(model, prompts, names: list[str], new_tokens: int) -> di
                                  max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
         tokens += out.shape[1] - ids.shape[1]
     elapsed = time.perf_counter() - started
-    return {"tokens_per_s": tokens / elapsed, "seconds": elapsed}
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
 
 
 def random_adapters(base, count: int, rank: int, seed: int) -> list[LoadedAdapter]:
@@ -181,10 +182,7 @@ def main() -> None:
               f" + {args.new_tokens} new tokens, {args.concurrency} at a time, {args.adapters} adapters rank {args.rank}"
               f" on {','.join(TARGETS)}", flush=True)
         run_engine(base, prompts[:args.concurrency], [None] * args.concurrency, args.concurrency, 4)  # warm-up
-        results["a_engine_base"] = run_engine(base, prompts, [None] * args.requests, args.concurrency, args.new_tokens)
-        print("a) engine, base only:", results["a_engine_base"], flush=True)
-        results["b_engine_mixed"] = run_engine(base, prompts, mixed, args.concurrency, args.new_tokens)
-        print(f"b) engine, {args.adapters} adapters mixed:", results["b_engine_mixed"], flush=True)
+        model = None
         if not args.skip_peft:
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
@@ -193,11 +191,36 @@ def main() -> None:
             model = PeftModel.from_pretrained(model, paths[0], adapter_name="adapter-0").eval()
             for i, path in enumerate(paths[1:], start=1):
                 model.load_adapter(path, adapter_name=f"adapter-{i}")
-            results["c_peft_mixed_batch"] = run_peft_batched(model, prompts, names, args.concurrency, args.new_tokens)
-            print("c) PEFT mixed batch (adapter_names=):", results["c_peft_mixed_batch"], flush=True)
-            n = args.sequential_requests
-            results["d_peft_sequential"] = run_peft_sequential(model, prompts[:n], names[:n], args.new_tokens)
-            print(f"d) PEFT one at a time (set_adapter, {n} requests):", results["d_peft_sequential"], flush=True)
+            run_peft_batched(model, prompts[:args.concurrency], names[:args.concurrency], args.concurrency, 4)  # warm-up
+        # Rounds interleave the systems, so a slow spell of this (shared, noisy) machine hits them alike.
+        per_round = max(args.concurrency, args.requests // args.rounds // args.concurrency * args.concurrency)
+        sequential_per_round = max(1, args.sequential_requests // args.rounds)
+        for lo in range(0, args.requests, per_round):
+            part = slice(lo, lo + per_round)
+            seq = slice(lo, lo + sequential_per_round)
+            runs = {
+                "a_engine_base": lambda: run_engine(base, prompts[part], [None] * len(prompts[part]),
+                                                    args.concurrency, args.new_tokens),
+                "b_engine_mixed": lambda: run_engine(base, prompts[part], mixed[part], args.concurrency, args.new_tokens),
+            }
+            if model is not None:
+                runs["c_peft_mixed_batch"] = lambda: run_peft_batched(model, prompts[part], names[part],
+                                                                      args.concurrency, args.new_tokens)
+                runs["d_peft_sequential"] = lambda: run_peft_sequential(model, prompts[seq], names[seq], args.new_tokens)
+            for key, run in runs.items():
+                result = run()
+                total = results.setdefault(key, {"tokens": 0, "seconds": 0.0})
+                total["tokens"] += result["tokens"]
+                total["seconds"] += result["seconds"]
+                total["tokens_per_s"] = total["tokens"] / total["seconds"]
+                print(f"round {lo // per_round + 1}: {key} {result['tokens'] / result['seconds']:.1f} tok/s", flush=True)
+        for key, label in (("a_engine_base", "a) engine, base only"),
+                           ("b_engine_mixed", f"b) engine, {args.adapters} adapters mixed"),
+                           ("c_peft_mixed_batch", "c) PEFT mixed batch (adapter_names=)"),
+                           ("d_peft_sequential", "d) PEFT one at a time (set_adapter)")):
+            if key in results:
+                print(f"{label}: {results[key]['tokens_per_s']:.1f} tok/s ({results[key]['tokens']} tokens in "
+                      f"{results[key]['seconds']:.1f} s)", flush=True)
     if args.sweep:
         rng = random.Random(0)
         for count in SWEEP:
