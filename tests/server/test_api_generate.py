@@ -134,3 +134,57 @@ def test_merge_mode_serves_adapters_and_refuses_classification(tmp_path, tiny_ll
         assert refused.status_code == 400 and "merge" in refused.json()["error"]["message"]
     with TestClient(create_app(config.model_copy(update={"merge": False}), base=tiny_llama_base)) as client:
         assert _complete(client, "alpha", ignore_eos=True)["choices"] == merged["choices"]
+
+
+def test_a_non_streamed_request_whose_client_left_stops_and_frees_its_slot(monkeypatch):
+    """The non-streamed path polls is_disconnected(); when the client is gone it closes the deltas, and
+    closing them cancels the scheduler request (freeing its slot) and releases the adapter."""
+    import asyncio
+
+    from server.api import routes_generate
+
+    monkeypatch.setattr(routes_generate, "DISCONNECT_POLL_S", 0.01)
+    events = []
+
+    async def endless():
+        try:
+            while True:
+                await asyncio.sleep(3600)
+                yield None
+        finally:
+            events.append("closed")
+
+    class GoneClient:
+        polls = 0
+
+        async def is_disconnected(self) -> bool:
+            self.polls += 1
+            return self.polls >= 3
+
+    async def run():
+        return [d async for d in routes_generate._until_disconnect(endless(), GoneClient())]
+
+    assert asyncio.run(asyncio.wait_for(run(), timeout=10)) == []
+    assert events == ["closed"]
+
+
+def test_closing_a_submission_cancels_and_releases_once(llama_client):
+    import asyncio
+
+    from server.api import routes_generate
+
+    state = llama_client.app.state.loraplex
+    adapter = asyncio.run(state.acquire_model("alpha"))
+    job = routes_generate.GenerationJob("cmpl-test", "alpha", adapter, [1, 2, 3],
+                                        routes_generate.SamplingParams(max_tokens=100, ignore_eos=True), False, 0.0)
+    holds_before = state.registry._holds[id(adapter)]
+
+    async def submit_and_close():
+        submission = routes_generate._Submission(state, job)
+        submission.close()
+        submission.close()
+        return submission
+
+    submission = asyncio.run(submit_and_close())
+    assert submission.request.cancelled
+    assert state.registry._holds[id(adapter)] == holds_before - 1
