@@ -80,20 +80,28 @@ def read_manifest(folder: Path) -> Manifest | None:
 
 def check_file_hashes(folder: Path, manifest: Manifest) -> None:
     """Raise AdapterFormatError if a file listed in the manifest is missing or changed."""
-    for name, expected in manifest.files.items():
+    check_hashes(folder, manifest.files, MANIFEST_FILE)
+
+
+def check_hashes(folder: Path, files: dict[str, str], listed_in: str) -> None:
+    """Raise AdapterFormatError if a file of `files` (name -> sha256, from `listed_in`) is missing or changed."""
+    for name, expected in files.items():
         path = Path(folder) / name
         if not path.is_file():
-            raise AdapterFormatError(f"file {name!r} listed in {MANIFEST_FILE} is missing")
+            raise AdapterFormatError(f"file {name!r} listed in {listed_in} is missing")
         if sha256_file(path) != expected:
-            raise AdapterFormatError(f"file {name!r} does not match its hash in {MANIFEST_FILE}")
+            raise AdapterFormatError(f"file {name!r} does not match its hash in {listed_in}")
+
+
+def hash_files(folder: Path, skip: str) -> dict[str, str]:
+    """sha256 of every plain file in `folder` but `skip` (the manifest that will list them)."""
+    return {p.name: sha256_file(p) for p in sorted(Path(folder).iterdir()) if p.is_file() and p.name != skip}
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
     """Hash every file in `folder` (but the manifest) into the manifest and write it. Returns what was written."""
     folder = Path(folder)
-    files = {
-        p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_FILE
-    }
+    files = hash_files(folder, MANIFEST_FILE)
     created = manifest.created_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     final = Manifest(**{**asdict(manifest), "files": files, "created_at": created, "labels": manifest.labels})
     (folder / MANIFEST_FILE).write_text(final.to_json())
