@@ -1,4 +1,4 @@
-"""`training METHOD ...` / `training eval ...`: argparse over TrainConfig, one-line errors, exit code 2.
+"""`training METHOD ...` / `training eval ...` / `training export ...`: argparse, one-line errors, exit code 2.
 
 The METHOD flags are generated from TrainConfig's fields (name, type, help), so the config's help text
 is the CLI's help text. Results go to stdout as JSON; progress bars and warnings go to stderr.
@@ -20,7 +20,7 @@ from training.config import IMPLEMENTED_METHODS, METHODS, TrainConfig
 from training.errors import MethodNotImplementedError, TrainingError
 
 USAGE_ERROR = 2  # argparse's own exit code for bad usage; user errors share it
-NOT_YET_COMMANDS = ("export",)
+NOT_YET_COMMANDS: tuple[str, ...] = ()
 COMMAND_FLAGS_EXCLUDED = ("method",)  # set by the sub-command itself
 
 
@@ -65,10 +65,54 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, help="rows per evaluation batch")
     evaluate.add_argument("--cache-dir", type=Path, help="where prepared bases are cached")
     evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    _add_export_parser(commands)
     for name in NOT_YET_COMMANDS:
         later = commands.add_parser(name, help=f"{name} (not implemented yet)")
         later.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
+
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    from training.export.options import (DEFAULT_PARITY_PROMPTS, DEFAULT_PARITY_ROWS, DEFAULT_PARITY_TOKENS,
+                                          FORMATS, QUANTIZE)
+
+    export = commands.add_parser(
+        "export", help="write a base with one adapter merged in as a merged HF folder or an ONNX model",
+        description="Merge an adapter into its base and write an export folder (model, tokenizer, labels, "
+                    "export_manifest.json, parity.json). The folder appears only once complete.")
+    export.add_argument("adapter_dir", type=Path, help="adapter folder (PEFT files, manifest optional)")
+    export.add_argument("--format", choices=FORMATS, default="onnx",
+                        help="merged: HF folder with the adapter folded in; onnx: one ONNX graph (default)")
+    export.add_argument("--out", type=Path, required=True, help="export folder to write (replaced atomically)")
+    export.add_argument("--quantize", choices=QUANTIZE, default="none",
+                        help="int8: 8-bit weights and int8 matmuls in the ONNX graph (onnx format only)")
+    export.add_argument("--base", help="base name or path (default: the manifest's base)")
+    export.add_argument("--data", help="rows for the parity report (default: the adapter's own held-out rows)")
+    export.add_argument("--parity-rows", type=int, default=DEFAULT_PARITY_ROWS,
+                        help=f"classification rows compared (default: {DEFAULT_PARITY_ROWS})")
+    export.add_argument("--parity-prompts", type=int, default=DEFAULT_PARITY_PROMPTS,
+                        help=f"completion prompts decoded greedily (default: {DEFAULT_PARITY_PROMPTS})")
+    export.add_argument("--parity-tokens", type=int, default=DEFAULT_PARITY_TOKENS,
+                        help=f"new tokens per parity prompt (default: {DEFAULT_PARITY_TOKENS})")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: optimum's choice)")
+    export.add_argument("--threads", type=int, default=0, help="onnxruntime threads for the parity runs (0: all)")
+    export.add_argument("--cache-dir", type=Path, help="where prepared bases are cached")
+
+
+def _export(args: argparse.Namespace) -> dict[str, Any]:
+    from training.export.options import ExportOptions
+
+    values = {k: getattr(args, k) for k in ("base", "data", "parity_rows", "parity_prompts", "parity_tokens",
+                                            "opset", "threads", "cache_dir") if getattr(args, k) is not None}
+    options = ExportOptions(adapter_dir=args.adapter_dir, out=args.out, format=args.format, quantize=args.quantize,
+                            **values)  # checked (and refused) before torch and optimum load
+    from training.export.runner import export_adapter
+
+    result = export_adapter(options)
+    manifest = result.manifest
+    return {"out": str(result.out), "format": manifest.format, "task": manifest.task, "base": manifest.base_name,
+            "adapter": manifest.adapter_name, "quantize": manifest.quantize, "model_file": manifest.model_file,
+            "labels": list(manifest.labels), "parity": result.parity}
 
 
 def _train(args: argparse.Namespace) -> dict[str, Any]:
@@ -100,7 +144,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise MethodNotImplementedError(
                 f"method {args.command!r} is not implemented yet; available: {', '.join(IMPLEMENTED_METHODS)}"
             )
-        result = _evaluate(args) if args.command == "eval" else _train(args)
+        if args.command == "eval":
+            result = _evaluate(args)
+        elif args.command == "export":
+            result = _export(args)
+        else:
+            result = _train(args)
     except (TrainingError, BaseNotFoundError, AdapterError) as exc:
         print(f"training: error: {exc}", file=sys.stderr)
         return USAGE_ERROR

@@ -29,7 +29,8 @@ DEFAULT_MAX_LENGTH = {"completion": 256, "classification": 64}
 MACHINE_LOCAL_FIELDS = ("cache_dir",)  # left out of the manifest: they describe this machine, not the run
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
+    """$LORAPLEX_CACHE, else ~/.cache/loraplex: where prepared bases live (read here and nowhere else)."""
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
 
 
@@ -69,7 +70,7 @@ class TrainConfig:
     val_fraction: float = field(default=0.1, metadata=_help("fraction of the rows held out for evaluation"))
     eval_rows: int = field(default=512, metadata=_help("at most this many held-out rows"))
     eval_batch_size: int = field(default=16, metadata=_help("rows per evaluation batch"))
-    cache_dir: Path = field(default_factory=_default_cache_dir, metadata=_help(
+    cache_dir: Path = field(default_factory=default_cache_dir, metadata=_help(
         f"where prepared bases are cached (default ${CACHE_ENV} or {DEFAULT_CACHE})"))
 
     def __post_init__(self) -> None:

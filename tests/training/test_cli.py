@@ -34,8 +34,9 @@ def test_methods_not_landed_yet(method: str, capsys) -> None:
     assert _error_line(capsys) == f"training: error: method {method!r} is not implemented yet; available: lora"
 
 
-def test_export_not_landed_yet(capsys) -> None:
-    assert main(["export", "some/adapter", "--format", "onnx"]) == USAGE_ERROR
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_export_formats_not_landed_yet(fmt: str, capsys) -> None:
+    assert main(["export", "some/adapter", "--format", fmt, "--out", "o"]) == USAGE_ERROR
     assert "not implemented yet" in _error_line(capsys)
 
 
