@@ -31,7 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start the HTTP server")
-    serve.add_argument("--base", default="smollm2-135m", help="embedded name (smollm2-135m, minilm-l6), HF folder or .gguf")
+    serve.add_argument("--base", default=None, help="embedded name (smollm2-135m, minilm-l6), HF folder or .gguf "
+                       "(default smollm2-135m; with --backend onnxruntime, the base of the exports)")
+    serve.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                       help="torch: adapter folders on one base; onnxruntime: export folders from `training export`")
+    serve.add_argument("--ort-threads", type=int, default=0, help="onnxruntime threads per session (0: one per core)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument("--adapter", action="append", type=_adapter_pair, default=[], metavar="NAME=PATH",
@@ -88,7 +92,7 @@ def _serve(args: argparse.Namespace) -> int:
             base=args.base, host=args.host, port=args.port, adapters=dict(args.adapter), quant=args.quant,
             device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, served_name=args.served_name,
             max_num_seqs=args.max_num_seqs, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_waiting=args.max_waiting,
-            lora_kernel=args.lora_kernel, merge=args.merge,
+            lora_kernel=args.lora_kernel, merge=args.merge, backend=args.backend, ort_threads=args.ort_threads,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

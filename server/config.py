@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from adapters import validate_adapter_name
 
 DEFAULT_PORT = 8000
+DEFAULT_BASE = "smollm2-135m"
 ENV_CACHE = "LORAPLEX_CACHE"
 ENV_STATE = "LORAPLEX_STATE"
 ENV_ADMIN_TOKEN = "LORAPLEX_ADMIN_TOKEN"
@@ -34,7 +35,10 @@ class ServerConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    base: str = Field("smollm2-135m", description="embedded base name, local HF folder or .gguf file")
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="torch: adapter folders on one base; onnxruntime: export folders (training export)")
+    base: str | None = Field(None, description="embedded base name, local HF folder or .gguf file (default "
+                             f"{DEFAULT_BASE}; with onnxruntime, the base the start-up exports were made from)")
     host: str = "127.0.0.1"
     port: int = Field(DEFAULT_PORT, ge=0, le=65535)
     adapters: dict[str, str] = Field(default_factory=dict, description="adapters loaded at start: name -> folder")
@@ -58,6 +62,29 @@ class ServerConfig(BaseModel):
     cache_dir: Path = Field(default_factory=default_cache_dir)
     state_dir: Path = Field(default_factory=default_state_dir)
     served_name: str | None = Field(None, description="model id of the base in /v1/models; default: base name")
+    ort_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0: one per core)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_base(cls, data):
+        """The torch backend loads a base, so it has a default; onnxruntime can learn it from its exports."""
+        if isinstance(data, dict) and data.get("base") is None and data.get("backend", "torch") == "torch":
+            data = {**data, "base": DEFAULT_BASE}
+        return data
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> "ServerConfig":
+        if self.backend == "onnxruntime":
+            refused = {"--merge": self.merge, f"--quant {self.quant}": self.quant != "none",
+                       "--device cuda": self.device == "cuda"}
+            given = [flag for flag, on in refused.items() if on]
+            if given:
+                raise ValueError(f"{', '.join(given)}: not available with --backend onnxruntime (exports are merged "
+                                 "already, quantized by `training export --quantize int8`, and run on the CPU)")
+            if self.base is None and not self.adapters:
+                raise ValueError("--backend onnxruntime needs --base NAME or at least one --adapter NAME=EXPORT_DIR "
+                                 "to know which base its exports share")
+        return self
 
     @field_validator("adapters")
     @classmethod

@@ -105,6 +105,7 @@ class EngineCollector(Collector):
             "loraplex_kv_cache_usage_perc": "Fraction of the KV cache's token capacity in use",
             "loraplex_lora_slots_used": "Adapters resident in device LoRA slots",
             "loraplex_adapters_resident": "Adapters loaded in memory (the rest are on disk until used)",
+            "loraplex_onnx_sessions_open": "ONNX sessions open (onnxruntime backend)",
         }
         counters = {
             "loraplex_lora_slot_hits": "Batches whose adapter was already in a device slot",
@@ -113,6 +114,7 @@ class EngineCollector(Collector):
             "loraplex_adapter_cache_hits": "Requests whose adapter was in memory",
             "loraplex_adapter_cache_misses": "Requests whose adapter was re-read from disk",
             "loraplex_adapter_cache_evictions": "Adapters dropped from memory (least recently used, not held)",
+            "loraplex_onnx_session_loads": "ONNX sessions opened (onnxruntime backend: first use, or after an eviction)",
         }
         for name, help_text in gauges.items():
             if name in values:

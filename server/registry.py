@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 from adapters import AdapterError, folder_digest, read_adapter_folder, validate_adapter_name, validate_against_base
 from server.engine.base_model import BaseModel
@@ -74,12 +74,44 @@ class RegistryFullError(RuntimeError):
     pass
 
 
-class AdapterRegistry:
-    def __init__(self, base: BaseModel, max_adapters: int, max_resident: int | None = None,
-                 on_load: Callable[[str, float], None] | None = None) -> None:
-        """`max_adapters`: registered at most; `max_resident`: kept in memory (None: all of them);
-        `on_load(result, seconds)`: called after every folder read (metrics)."""
+class AdapterReader(Protocol):
+    """How a backend turns a folder into what it serves (the torch engine: LoRA weights on the device)."""
+
+    def read(self, name: str, source: Path, version: int, pinned: bool) -> LoadedAdapter:
+        """Read and validate the folder; AdapterError for anything wrong with it."""
+
+    def digest(self, source: Path) -> str:
+        """A hash of the folder's files: a re-read after an eviction must find the same ones."""
+
+
+class TorchAdapterReader:
+    """Adapter folders for the torch engine: validated against the base, weights on its device and dtype."""
+
+    def __init__(self, base: BaseModel) -> None:
         self.base = base
+
+    def read(self, name: str, source: Path, version: int, pinned: bool) -> LoadedAdapter:
+        folder = read_adapter_folder(source)
+        validate_against_base(folder, self.base.signature)
+        if folder.task == "completion" and not self.base.can_generate:
+            raise AdapterError(f"completion adapter {name!r} needs a causal LM base; this base is an encoder")
+        return load_adapter(name, version, folder, self.base.backend.device, self.base.backend.dtype, pinned=pinned)
+
+    def digest(self, source: Path) -> str:
+        return folder_digest(source)
+
+
+class AdapterRegistry:
+    def __init__(self, base: BaseModel | None, max_adapters: int, max_resident: int | None = None,
+                 on_load: Callable[[str, float], None] | None = None, reader: AdapterReader | None = None) -> None:
+        """`max_adapters`: registered at most; `max_resident`: kept in memory (None: all of them);
+        `on_load(result, seconds)`: called after every folder read (metrics); `reader`: how folders are
+        read (default: adapter folders for the torch engine on `base`)."""
+        if reader is None:
+            if base is None:
+                raise ValueError("AdapterRegistry needs a base or a reader")
+            reader = TorchAdapterReader(base)
+        self.reader = reader
         self.max_adapters = max_adapters
         self.max_resident = max_resident or max_adapters
         self.on_load = on_load
@@ -171,7 +203,7 @@ class AdapterRegistry:
     def _reload(self, entry: RegistryEntry) -> LoadedAdapter:
         started = time.perf_counter()
         try:
-            if folder_digest(entry.source) != entry.digest:
+            if self.reader.digest(entry.source) != entry.digest:
                 raise AdapterError("its files changed since it was added")
             loaded = self._read(entry.name, entry.source, entry.version, entry.pinned)
         except AdapterError as exc:
@@ -215,7 +247,7 @@ class AdapterRegistry:
                 self._entries[name] = RegistryEntry(name, AdapterState.LOADING, source, pinned=pinned)
         started = time.perf_counter()
         try:
-            digest = folder_digest(source) if source.is_dir() else ""
+            digest = self.reader.digest(source) if source.is_dir() else ""
             loaded = self._read(name, source, next(self._versions), pinned)
         except Exception as exc:
             self._observe_load("error", started)
@@ -245,11 +277,7 @@ class AdapterRegistry:
         log.info("adapter %s removed", name)
 
     def _read(self, name: str, source: Path, version: int, pinned: bool) -> LoadedAdapter:
-        folder = read_adapter_folder(source)
-        validate_against_base(folder, self.base.signature)
-        if folder.task == "completion" and not self.base.can_generate:
-            raise AdapterError(f"completion adapter {name!r} needs a causal LM base; this base is an encoder")
-        return load_adapter(name, version, folder, self.base.backend.device, self.base.backend.dtype, pinned=pinned)
+        return self.reader.read(name, source, version, pinned)
 
     def _observe_load(self, result: str, started: float) -> None:
         if self.on_load is not None:

@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState:
     """Load the base (unless given), register the start-up adapters, establish the admin token."""
+    if config.backend == "onnxruntime":  # the backend is picked once, here
+        from server.ort.state import build_ort_state  # onnxruntime is imported only when chosen
+
+        return build_ort_state(config)
     if base is None:
         backend = choose_backend(config.device, config.dtype, config.quant)
         base = load_base(resolve_base(config.base, config.cache_dir), backend, config.lora_kernel, config.max_loras)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
@@ -19,17 +19,22 @@ from server.engine.scheduler import Scheduler
 from server.metrics import Metrics
 from server.registry import AdapterRegistry
 
+if TYPE_CHECKING:  # the onnxruntime backend's counterparts (server/ort imports onnxruntime only when chosen)
+    from server.ort.base import OrtBase
+    from server.ort.classify import OrtClassifier
+    from server.ort.generate import OrtGenerator
+
 
 @dataclass
 class AppState:
     config: ServerConfig
-    base: BaseModel
+    base: BaseModel | OrtBase
     registry: AdapterRegistry
     metrics: Metrics
     admin_token: str
     served_name: str
-    scheduler: Scheduler | None  # continuous batching for generation; None on encoder bases
-    classifier: ClassifyBatcher  # batched classification (any base)
+    scheduler: Scheduler | OrtGenerator | None  # continuous batching for generation; None on encoder bases
+    classifier: ClassifyBatcher | OrtClassifier  # batched classification (any base)
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @property
