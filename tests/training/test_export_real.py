@@ -1,0 +1,49 @@
+"""Exports of the shipped example adapters on the real bases: the parity promises of `training export`.
+
+- minilm-l6 sentiment, over ALL its held-out rows (the split `training eval` uses): ONNX fp32 logits within
+  1e-4 of torch; the INT8 graph agrees with torch's argmax on >= 99% of the rows, accuracy within 0.5 points.
+- smollm2-135m chatbot-tech: greedy tokens of the ONNX graph identical to torch's on held-out prompts.
+
+tests/server/test_ort_real.py checks the same exports independently, through the HTTP API.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from adapters import read_export_folder
+from adapters.export_manifest import PARITY_FILE
+
+pytestmark = pytest.mark.integration
+
+FP32_TOLERANCE = 1e-4
+INT8_MIN_AGREEMENT = 0.99
+INT8_MAX_ACCURACY_DROP = 0.005
+HELD_OUT_ROWS = 2048  # the sentiment adapter's eval_rows
+
+
+def test_sentiment_int8_parity_over_all_held_out_rows(sentiment_int8_export):
+    report = json.loads((sentiment_int8_export / PARITY_FILE).read_text())
+    assert report["source"] == "held-out rows of rotten-tomatoes" and report["rows"] == HELD_OUT_ROWS
+    assert report["max_length"] == 64
+    assert report["onnx_fp32"]["max_abs_diff"] <= FP32_TOLERANCE
+    assert report["onnx_fp32"]["argmax_agreement"] == 1.0
+    int8 = report["onnx_int8"]
+    assert int8["argmax_agreement"] >= INT8_MIN_AGREEMENT
+    assert int8["accuracy_delta"] >= -INT8_MAX_ACCURACY_DROP
+    assert report["torch"]["accuracy"] == pytest.approx(0.8052, abs=1e-3)  # the adapter's manifest figure
+    manifest = read_export_folder(sentiment_int8_export)
+    assert manifest.quantize == "int8" and manifest.labels == ("rotten", "fresh")
+    assert manifest.parity["onnx_int8"]["argmax_agreement"] == int8["argmax_agreement"]
+
+
+def test_chatbot_tech_greedy_parity(tech_onnx_export):
+    report = json.loads((tech_onnx_export / PARITY_FILE).read_text())
+    assert report["source"].startswith("held-out rows of chatterbot") and report["prompts"] == 4
+    fp32 = report["onnx_fp32"]
+    assert fp32["all_greedy_identical"] and fp32["token_agreement"] == 1.0
+    assert fp32["logits_max_abs_diff"] <= FP32_TOLERANCE
+    manifest = read_export_folder(tech_onnx_export)
+    assert manifest.base_name == "smollm2-135m" and manifest.task == "completion"
