@@ -19,13 +19,17 @@ from training.errors import ConfigError
 
 METHODS = ("lora", "qlora", "prompt", "prefix", "ptuning", "ia3", "freeze", "full")
 IMPLEMENTED_METHODS = ("lora",)
-TASKS = ("completion", "classification")
+TASKS = ("completion", "classification", "pretrain")  # pretrain: continued pre-training on raw text
 AUTO = "auto"
 SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = (AUTO, "fp32", "bf16")
+WATCHED_METRICS = (AUTO, "loss", "accuracy", "f1_macro")
+RESUME_LATEST = "latest"
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 CACHE_ENV = "LORAPLEX_CACHE"
 DEFAULT_CACHE = Path.home() / ".cache" / "loraplex"
 # Per-task defaults used where a field is left unset (None): chat turns are longer than review snippets.
-DEFAULT_MAX_LENGTH = {"completion": 256, "classification": 64}
+DEFAULT_MAX_LENGTH = {"completion": 256, "classification": 64, "pretrain": 128}
 MACHINE_LOCAL_FIELDS = ("cache_dir",)  # left out of the manifest: they describe this machine, not the run
 
 
@@ -73,6 +77,24 @@ class TrainConfig:
     cache_dir: Path = field(default_factory=default_cache_dir, metadata=_help(
         f"where prepared bases are cached (default ${CACHE_ENV} or {DEFAULT_CACHE})"))
 
+    # mechanics: precision, memory, validation during training, early stopping, checkpoints and resume
+    precision: str = field(default=AUTO, metadata=_help(
+        "fp32, bf16 (autocast: bf16 matmuls over fp32 weights and optimizer state) or auto "
+        "(bf16 on a CUDA device that supports it, else fp32)"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help(
+        "recompute activations during the backward pass: less memory for about a third more compute"))
+    eval_every: int = field(default=0, metadata=_help(
+        "validate every N optimizer steps and at the last one, for the validation curve (0: off)"))
+    early_stopping_patience: int = field(default=0, metadata=_help(
+        "stop after N validations without improvement and keep the best weights (0: off; needs --eval-every)"))
+    early_stopping_metric: str = field(default=AUTO, metadata=_help(
+        "validation figure early stopping watches: loss, accuracy or f1_macro; auto: loss for completion "
+        "and pretrain, f1_macro for classification"))
+    checkpoint_every: int = field(default=0, metadata=_help(
+        "write a resumable checkpoint (weights, optimizer, schedule, RNG) every N steps into OUT.checkpoints/ (0: off)"))
+    resume: str = field(default="", metadata=_help(
+        f"continue an interrupted run: {RESUME_LATEST!r} (newest checkpoint in OUT.checkpoints/) or a checkpoint folder"))
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
@@ -99,6 +121,21 @@ class TrainConfig:
         _check_range("warmup_ratio", self.warmup_ratio, 0.0, 1.0, high_open=True)
         _check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
         _check_range("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        self._check_mechanics()
+
+    def _check_mechanics(self) -> None:
+        """The `# mechanics` fields (a flag given as text, e.g. `--gradient-checkpointing true`, becomes a bool)."""
+        object.__setattr__(self, "gradient_checkpointing", _as_bool("gradient_checkpointing", self.gradient_checkpointing))
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("early_stopping_metric", self.early_stopping_metric, WATCHED_METRICS)
+        for name in ("eval_every", "early_stopping_patience", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.early_stopping_patience and not self.eval_every:
+            raise ConfigError("early_stopping_patience needs eval_every > 0 (early stopping watches validations)")
+        if not isinstance(self.resume, str):
+            raise ConfigError(f"resume must be {RESUME_LATEST!r} or a checkpoint folder, got {self.resume!r}")
 
     def resolved(self, task: str, target_modules: tuple[str, ...]) -> "TrainConfig":
         """A copy with `auto` / empty fields replaced by what the run actually used."""
@@ -135,6 +172,15 @@ def _as_names(value: Any) -> tuple[str, ...]:
     if any(not n for n in names):
         raise ConfigError(f"target_modules must be non-empty module names, got {value!r}")
     return names
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in TRUE_WORDS or text in FALSE_WORDS:
+        return text in TRUE_WORDS
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
