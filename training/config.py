@@ -28,6 +28,14 @@ RESUME_LATEST = "latest"
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 CACHE_ENV = "LORAPLEX_CACHE"
 DEFAULT_CACHE = Path.home() / ".cache" / "loraplex"
+QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit formats for qlora
+DEFAULT_FREEZE_LAST_K = 2
+# Which methods read each `# method options` field: setting one for another method is refused, not ignored.
+METHOD_OPTION_USERS = {
+    "use_rslora": ("lora", "qlora"), "use_dora": ("lora", "qlora"), "qlora_quant_type": ("qlora",),
+    "num_virtual_tokens": ("prompt", "prefix", "ptuning"), "prefix_hidden_size": ("prefix",),
+    "freeze_last_k": ("freeze",), "trainable_modules": ("freeze",),
+}
 # Per-task defaults used where a field is left unset (None): chat turns are longer than review snippets.
 DEFAULT_MAX_LENGTH = {"completion": 256, "classification": 64, "pretrain": 128}
 MACHINE_LOCAL_FIELDS = ("cache_dir",)  # left out of the manifest: they describe this machine, not the run
@@ -95,6 +103,24 @@ class TrainConfig:
     resume: str = field(default="", metadata=_help(
         f"continue an interrupted run: {RESUME_LATEST!r} (newest checkpoint in OUT.checkpoints/) or a checkpoint folder"))
 
+    # method options: read by training/methods/ (which method reads which: METHOD_OPTION_USERS)
+    use_rslora: bool = field(default=False, metadata=_help(
+        "lora/qlora: rank-stabilised LoRA, the update scaled by alpha / sqrt(r) instead of alpha / r (served)"))
+    use_dora: bool = field(default=False, metadata=_help(
+        "lora/qlora: weight-decomposed LoRA (DoRA: a trained magnitude per output); the server refuses DoRA folders"))
+    qlora_quant_type: str = field(default="nf4", metadata=_help(
+        f"qlora: 4-bit format of the frozen base's linear layers (bitsandbytes), one of {', '.join(QUANT_TYPES)}"))
+    num_virtual_tokens: int = field(default=20, metadata=_help(
+        "prompt: trained embeddings prepended to the input; prefix/ptuning: trained key/value positions on every layer"))
+    prefix_hidden_size: int | None = field(default=None, metadata=_help(
+        "prefix: hidden size of the reparameterisation MLP that produces the prefixes (default: the base's hidden size)"))
+    freeze_last_k: int | None = field(default=None, metadata=_help(
+        f"freeze: train the MLPs of the last k transformer blocks (default {DEFAULT_FREEZE_LAST_K} "
+        "unless --trainable-modules is given)"))
+    trainable_modules: tuple[str, ...] = field(default=(), metadata=_help(
+        "freeze: comma-separated module names (full or a dotted suffix, e.g. layers.29.mlp) to train instead "
+        "of the last k MLPs; a classification head always trains"))
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
@@ -122,6 +148,7 @@ class TrainConfig:
         _check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
         _check_range("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         self._check_mechanics()
+        self._check_method_options()
 
     def _check_mechanics(self) -> None:
         """The `# mechanics` fields (a flag given as text, e.g. `--gradient-checkpointing true`, becomes a bool)."""
@@ -136,6 +163,23 @@ class TrainConfig:
             raise ConfigError("early_stopping_patience needs eval_every > 0 (early stopping watches validations)")
         if not isinstance(self.resume, str):
             raise ConfigError(f"resume must be {RESUME_LATEST!r} or a checkpoint folder, got {self.resume!r}")
+
+    def _check_method_options(self) -> None:
+        """The `# method options` fields: types and ranges, and no option set for a method that ignores it."""
+        for name in ("use_rslora", "use_dora"):
+            object.__setattr__(self, name, _as_bool(name, getattr(self, name)))
+        object.__setattr__(self, "trainable_modules", _as_module_names("trainable_modules", self.trainable_modules))
+        _check_choice("qlora_quant_type", self.qlora_quant_type, QUANT_TYPES)
+        _check_positive_int("num_virtual_tokens", self.num_virtual_tokens)
+        for name in ("prefix_hidden_size", "freeze_last_k"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        if self.freeze_last_k is not None and self.trainable_modules:
+            raise ConfigError("freeze takes freeze_last_k or trainable_modules, not both")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, users in METHOD_OPTION_USERS.items():
+            if self.method not in users and getattr(self, name) != defaults[name]:
+                raise ConfigError(f"{name} applies to method {' or '.join(users)}, not {self.method!r}")
 
     def resolved(self, task: str, target_modules: tuple[str, ...]) -> "TrainConfig":
         """A copy with `auto` / empty fields replaced by what the run actually used."""
@@ -171,6 +215,16 @@ def _as_names(value: Any) -> tuple[str, ...]:
     names = tuple(str(v).strip() for v in value)
     if any(not n for n in names):
         raise ConfigError(f"target_modules must be non-empty module names, got {value!r}")
+    return names
+
+
+def _as_module_names(name: str, value: Any) -> tuple[str, ...]:
+    """A comma-separated string or a sequence -> a tuple of non-empty names ('' or () -> ())."""
+    if isinstance(value, str):
+        value = value.split(",") if value.strip() else ()
+    names = tuple(str(v).strip() for v in value)
+    if any(not n for n in names):
+        raise ConfigError(f"{name} must be non-empty module names, got {value!r}")
     return names
 
 
