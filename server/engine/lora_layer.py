@@ -11,7 +11,12 @@ from torch import nn
 
 from server.engine.backend import LinearFn
 from server.engine.loaded import LoadedAdapter
+from server.engine.lora_rows import RowWeights
 from server.engine.lora_slots import LoraSlots
+
+# Decode batches of at most this many rows, with at least one distinct adapter per two adapter rows,
+# take the per-row kernel; it keeps a copy of each row's blocks, so the bound caps that memory.
+PER_ROW_MAX_ROWS = 64
 
 
 class ActiveAdapters:
@@ -19,13 +24,18 @@ class ActiveAdapters:
 
     Two kernels, chosen once at start-up: `loop` (the reference: one matmul pair per distinct adapter
     in the batch, on its rows, gathered and scattered back) and `stacked`, the fast path. Stacked decode
-    steps (one token per row) use LoraSlots: two matmuls per module for any adapter mix. Stacked prefill
-    steps (compute-bound) run each run of consecutive rows sharing an adapter on views of x and out:
-    two matmuls per run, no gather, no scatter.
+    steps (one token per row) use LoraSlots, two matmuls per module for any adapter mix, in one of two
+    forms picked per batch: per-row (lora_rows.py: each row times its own adapter, for batches whose
+    rows mostly use different adapters) or masked (every row times the batch's slot block, other
+    rows' blocks zeroed: each adapter read once, for batches where many rows share few adapters).
+    Stacked prefill steps (compute-bound) run each run of consecutive rows sharing an adapter on views
+    of x and out: two matmuls per run, no gather, no scatter.
     """
 
     def __init__(self, slots: LoraSlots | None = None) -> None:
         self.slots = slots
+        self.row_weights = RowWeights(slots) if slots is not None else None
+        self.per_row = False  # stacked decode: per-row kernel (True) or masked (False) for this batch
         self.groups: list[tuple[LoadedAdapter, torch.Tensor | None]] = []  # loop kernel
         self.runs: list[tuple[LoadedAdapter, int, int]] = []  # stacked prefill: (adapter, first row, end row)
         self.row_mask: torch.Tensor | None = None  # stacked kernel: [B, width]
@@ -63,6 +73,13 @@ class ActiveAdapters:
         slot_of = self.slots.slots_for(adapters)
         rank = self.slots.rank
         batch_slots = sorted(set(slot_of.values()))
+        self.batch_slots = set(batch_slots)
+        adapter_rows = sum(a is not None for a in rows)
+        self.per_row = len(rows) <= PER_ROW_MAX_ROWS and 2 * len(adapters) >= adapter_rows
+        if self.per_row:
+            self.row_weights.set_rows([None if a is None else slot_of[id(a)] for a in rows])
+            self.row_mask = None
+            return
         if (batch_slots[-1] + 1) <= 2 * len(batch_slots):
             column = {slot: slot for slot in batch_slots}
             self.width, self.gather = (batch_slots[-1] + 1) * rank, None
@@ -76,7 +93,6 @@ class ActiveAdapters:
                 block = column[slot_of[id(adapter)]]
                 mask[row, block * rank:(block + 1) * rank] = 1
         self.row_mask = mask  # [B, width]: decode steps have one token per row
-        self.batch_slots = set(batch_slots)
         layout = (self.slots.generation, self.width, tuple(batch_slots) if self.gather is not None else None)
         if layout != self._layout:
             self._views, self._layout = {}, layout
@@ -98,13 +114,20 @@ class ActiveAdapters:
         self.row_mask = None
         self.gather = None
         self.batch_slots = set()
+        self.per_row = False
 
     def apply(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out + this module's LoRA delta for every row. x: [B, S, in], out: [B, S, out]."""
-        if self.row_mask is not None:
+        if self.batch_slots:  # the stacked kernel, with at least one adapter row in this batch
             if x.shape[1] > 1:  # prefill is compute-bound: each adapter only on its own rows
                 return self._apply_runs(name, x, out)
-            # Decode (one token per row) is memory-bound: read every resident adapter once, two matmuls.
+            if self.per_row:  # decode, rows on mostly distinct adapters: each row times its own blocks
+                row_views = self.row_weights.views(name)
+                if row_views is None:
+                    return out
+                a_rows, b_rows = row_views
+                return out.baddbmm_(torch.bmm(x, a_rows), b_rows)
+            # Decode, many rows on few adapters: read each of the batch's adapters once, two matmuls.
             views = self._decode_views(name)
             if views is None:
                 return out

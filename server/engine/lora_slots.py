@@ -50,6 +50,7 @@ class LoraSlots:
         self.evictions = 0
         self.hits = 0
         self.generation = 0  # bumped whenever the stacks' contents or layout change
+        self.slot_version = [0] * num_slots  # per slot: a new value whenever its contents change
 
     @torch.inference_mode()  # stacks are inference tensors: always created and updated in this mode
     def slots_for(self, adapters: list[LoadedAdapter]) -> dict[int, int]:
@@ -85,6 +86,7 @@ class LoraSlots:
 
     def _clear(self, slot: int) -> None:
         self.generation += 1
+        self.slot_version[slot] = self.generation
         lo, hi = slot * self.rank, (slot + 1) * self.rank
         for stack in self.stacks.values():
             if slot in stack.slots:
@@ -95,6 +97,7 @@ class LoraSlots:
 
     def _load(self, adapter: LoadedAdapter, slot: int) -> int:
         self.generation += 1
+        self.slot_version[slot] = self.generation
         if adapter.rank > self.rank:
             self._grow(adapter.rank)
         lo = slot * self.rank

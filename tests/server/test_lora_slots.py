@@ -81,12 +81,14 @@ def test_a_batch_of_few_among_many_resident_adapters_gathers_its_slots():
     stacked_layers = {name: LoraLinear(layer.base, name, stacked) for name, layer in loop_layers.items()}
     pool = [_adapter(f"a{i}", 4, ["q", "down"], gen) for i in range(8)]
     stacked.set_rows(pool, torch.device("cpu"))  # all 8 resident, in slots 0..7
-    assert stacked.gather is None and stacked.width == 8 * 4
-    rows = [pool[7], None, pool[6]]  # slots 7 and 6 only: gathered, not the 8-slot leading block
+    stacked.set_rows([pool[1]] * 3 + [pool[0]] * 2, torch.device("cpu"))  # rows share adapters: masked
+    assert not stacked.per_row and stacked.gather is None and stacked.width == 2 * 4  # the leading block
+    # slots 7 and 6 only: gathered, not the 8-slot leading block
+    rows = [pool[7], pool[7], None, pool[6], pool[6], pool[6]]
     stacked.set_rows(rows, torch.device("cpu"))
     loop.set_rows(rows, torch.device("cpu"))
-    assert stacked.gather is not None and stacked.width == 2 * 4
-    x = torch.randn(3, 1, 16, generator=gen)
+    assert not stacked.per_row and stacked.gather is not None and stacked.width == 2 * 4
+    x = torch.randn(6, 1, 16, generator=gen)
     with torch.no_grad():
         torch.testing.assert_close(stacked_layers["q"](x), loop_layers["q"](x), atol=1e-5, rtol=1e-5)
 
@@ -127,3 +129,44 @@ def test_pinned_adapters_are_never_evicted():
     slots.slots_for([a])
     slots.slots_for([b])  # must evict a, the only unpinned resident, although pinned is older
     assert slots.slots_for([pinned]) and slots.evictions == 1 and slots.hits == 1
+
+
+def test_per_row_decode_follows_rows_joining_leaving_and_slots_reloaded():
+    """Decode steps on mostly distinct adapters take the per-row kernel; its row buffers must follow rows
+    that join, leave and shift, slots refilled with other adapters, and rank growth."""
+    gen, rng = torch.Generator().manual_seed(7), random.Random(7)
+    loop, stacked = ActiveAdapters(), ActiveAdapters(LoraSlots(4, MODULES, torch.device("cpu"), torch.float32))
+    loop_layers = _layers(loop, gen)
+    stacked_layers = {name: LoraLinear(layer.base, name, stacked) for name, layer in loop_layers.items()}
+    pool = [_adapter(f"a{i}", 4 if i < 5 else 8, rng.sample(list(MODULES), 2), gen) for i in range(7)]
+    rows = [pool[0], pool[1], None, pool[2]]
+    per_row_steps = 0
+    for step in range(24):
+        if step % 3 == 2:  # a row leaves, the rest shift up, and another request joins at the end
+            rows.pop(rng.randrange(len(rows)))
+            rows.append(rng.choice(pool[: 5 if step < 12 else 7] + [None]))  # later: rank-8 adapters too
+        loop.set_rows(rows, torch.device("cpu"))
+        stacked.set_rows(rows, torch.device("cpu"))
+        per_row_steps += stacked.per_row
+        x = {name: torch.randn(len(rows), 1, MODULES[name][1], generator=gen) for name in MODULES}
+        with torch.no_grad():
+            for name in MODULES:
+                torch.testing.assert_close(stacked_layers[name](x[name]), loop_layers[name](x[name]),
+                                           atol=1e-4, rtol=1e-4)
+        loop.clear()
+        stacked.clear()
+    assert per_row_steps >= 12 and stacked.slots.evictions > 0 and stacked.slots.rank == 8
+
+
+def test_per_row_views_are_reused_while_the_batch_stays_the_same():
+    gen = torch.Generator().manual_seed(1)
+    active = ActiveAdapters(LoraSlots(4, MODULES, torch.device("cpu"), torch.float32))
+    pool = [_adapter(f"a{i}", 4, ["q"], gen) for i in range(3)]
+    active.set_rows(pool, torch.device("cpu"))
+    first = active.row_weights.views("q")
+    assert active.per_row and active.row_weights.views("v") is None  # no row's adapter targets v
+    active.clear()
+    active.set_rows(pool, torch.device("cpu"))
+    assert active.row_weights.views("q") is first  # same rows, same slot contents: nothing rebuilt
+    active.set_rows(pool[:2], torch.device("cpu"))
+    assert active.row_weights.views("q") is not first
