@@ -86,3 +86,36 @@ def test_empty_or_unusable_files(tmp_path: Path, name: str, content: str, reason
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="neither a bundled data set"):
         load_dataset(str(tmp_path / "nope.csv"), "classification")
+
+
+# -- raw text for continued pre-training --------------------------------------------------------------------
+
+def test_txt_paragraphs_are_documents(tmp_path: Path) -> None:
+    path = _write(tmp_path, "d.txt", "First paragraph,\nwrapped.\n\n\nSecond one.\r\n\r\nThird.\n")
+    data = load_dataset(str(path), "pretrain")
+    assert data.task == "pretrain" and [e.text for e in data.examples] == [
+        "First paragraph,\nwrapped.", "Second one.", "Third."]
+
+
+def test_txt_of_one_paragraph_gives_one_document_per_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "d.txt", "line one\nline two\n   \nline three")
+    assert [e.text for e in load_dataset(str(path), "pretrain").examples] == ["line one", "line two", "line three"]
+
+
+def test_pretrain_from_text_columns_with_line_numbers(tmp_path: Path) -> None:
+    good = _write(tmp_path, "d.jsonl", '{"text": "a document"}\n{"text": "another"}\n')
+    assert [e.text for e in load_dataset(str(good), "pretrain").examples] == ["a document", "another"]
+    bad = _write(tmp_path, "bad.jsonl", '{"text": "fine"}\n\n{"text": " "}\n')
+    with pytest.raises(DatasetError, match=re.escape(f"{bad}:3: 'text' is empty")):
+        load_dataset(str(bad), "pretrain")
+
+
+@pytest.mark.parametrize("content", ["", "\n \n\n"])
+def test_blank_txt_is_a_clear_error(tmp_path: Path, content: str) -> None:
+    with pytest.raises(DatasetError, match="no text"):
+        load_dataset(str(_write(tmp_path, "d.txt", content)), "pretrain")
+
+
+def test_bundled_sets_serve_as_raw_text() -> None:
+    trivia = load_dataset("chatterbot:trivia", "pretrain")
+    assert trivia.task == "pretrain" and "\n" in trivia.examples[0].text  # question, line break, answer

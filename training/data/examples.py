@@ -33,17 +33,29 @@ class ClassificationExample:
     label: int  # index into Dataset.labels
 
 
-Example = Union[CompletionExample, ClassificationExample]
+@dataclass(frozen=True)
+class TextExample:
+    """One document of raw text for continued pre-training (loss on every token)."""
+
+    text: str
+
+
+Example = Union[CompletionExample, ClassificationExample, TextExample]
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Rows of one task. `labels` is the class list in index order (empty for completion)."""
+    """Rows of one task. `labels` is the class list in index order (empty for completion and pretrain).
+
+    A multi-task set (`--data a,b`) keeps its sources in `parts`; `examples` is their concatenation, and
+    every part's label indices follow the shared `labels`.
+    """
 
     name: str
     task: str
     examples: tuple[Example, ...]
     labels: tuple[str, ...] = ()
+    parts: tuple["Dataset", ...] = ()
 
     def __len__(self) -> int:
         return len(self.examples)

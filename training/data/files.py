@@ -1,9 +1,11 @@
-"""User data files: CSV (with a header) or JSONL, for either task.
+"""User data files: CSV (with a header) or JSONL for every task, plain text (.txt) for pretrain.
 
 Row shapes:
 - classification: `text,label` (CSV columns or JSON keys). Labels are strings; their order is sorted.
 - completion: `prompt,completion` (raw text, no chat template) or, in JSONL only, `messages`: a list of
   `{role, content}` turns ending with the assistant's answer (rendered with the chat template).
+- pretrain: a `text` column / key per document, or a .txt file whose documents are its paragraphs
+  (separated by blank lines); a .txt file of one paragraph gives one document per line.
 
 Every problem raises DatasetError naming the file, the line and the reason, so a user can fix it.
 """
@@ -16,11 +18,13 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
-from training.data.examples import CHAT_ROLES, ChatTurn, ClassificationExample, CompletionExample, Dataset, Example
+from training.data.examples import (CHAT_ROLES, ChatTurn, ClassificationExample, CompletionExample, Dataset, Example,
+                                     TextExample)
 from training.errors import DatasetError
 
 CSV_SUFFIXES = (".csv",)
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+TEXT_SUFFIXES = (".txt", ".text", ".md")
 CLASSIFICATION_COLUMNS = ("text", "label")
 COMPLETION_COLUMNS = ("prompt", "completion")
 MESSAGES_KEY = "messages"
@@ -33,14 +37,21 @@ def load_file(path: Path, task: str) -> Dataset:
     if not path.is_file():
         raise DatasetError(f"{path}: no such file (and not a bundled data set name)")
     text = _read_text(path)
-    if path.suffix.lower() in CSV_SUFFIXES:
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES and task == "pretrain":
+        return _documents(path, text)
+    if suffix in CSV_SUFFIXES:
         rows = _csv_records(path, text)
-    elif path.suffix.lower() in JSONL_SUFFIXES:
+    elif suffix in JSONL_SUFFIXES:
         rows = _jsonl_records(path, text)
     else:
-        raise DatasetError(f"{path}: unsupported file type {path.suffix!r}; use .csv or .jsonl")
+        plain = f" ({', '.join(TEXT_SUFFIXES)} is raw text for --task pretrain)" if suffix in TEXT_SUFFIXES else ""
+        raise DatasetError(f"{path}: unsupported file type {path.suffix!r} for {task}; use .csv or .jsonl{plain}")
     if task == "classification":
         dataset = _classification(path, rows)
+    elif task == "pretrain":
+        dataset = Dataset(path.name, "pretrain", tuple(TextExample(_text_field(path, line, row, "text"))
+                                                       for line, row in rows))
     else:
         dataset = Dataset(path.name, "completion", tuple(_completion(path, line, row) for line, row in rows))
     if not dataset.examples:
@@ -142,3 +153,13 @@ def _chat(path: Path, line: int, messages: Any) -> CompletionExample:
     context = tuple(turns[:-1])
     last_user = next((t.content for t in reversed(context) if t.role == "user"), "")
     return CompletionExample(last_user, turns[-1].content, context)
+
+
+def _documents(path: Path, text: str) -> Dataset:
+    """A .txt file's paragraphs (blank-line separated) as documents; one paragraph alone is split into lines."""
+    paragraphs = [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+    if len(paragraphs) == 1:
+        paragraphs = [line.strip() for line in paragraphs[0].splitlines() if line.strip()]
+    if not paragraphs:
+        raise DatasetError(f"{path}: no text (the file is empty or blank)")
+    return Dataset(path.name, "pretrain", tuple(TextExample(p) for p in paragraphs))
