@@ -1,6 +1,7 @@
-"""The base matmul kernels side by side in ONE run: F.linear (MKL) vs oneDNN's linear, on the weight
-shapes of a real base at decode and prefill batch sizes, cold weights (each matrix read once per pass,
-as in a forward). Prints ms per pass and the ratio; the last line is JSON.
+"""The base matmul kernels side by side in ONE run: F.linear (MKL) vs oneDNN's linear on plain weights
+vs oneDNN on weights packed once (what the server runs on CPU), on the weight shapes of a real base at
+decode and prefill batch sizes, cold weights (each matrix read once per pass, as in a forward). Prints
+ms per pass and the ratios to F.linear; the last line is JSON.
 
     python benchmarks/bench_linear.py                 # smollm2-135m shapes, 2 threads
 """
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters import resolve_base
-from server.engine.backend import onednn_linear
+from server.engine.backend import onednn_linear, onednn_pack
 
 
 def parse_args() -> argparse.Namespace:
@@ -62,15 +63,19 @@ def main() -> None:
     mbytes = sum(w.numel() * w.element_size() for w in weights) / 1e6
     print(f"# {args.base}: {len(weights)} weight matrices, {mbytes:.0f} MB in {args.dtype}, {args.threads} threads")
     results = {}
+    packed_weights = [onednn_pack(w) for w in weights]
     with torch.inference_mode():
         for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, max(w.shape[1] for w in weights), dtype=dtype)
             mkl = time_pass(F.linear, weights, x, args.repeats)
             dnn = time_pass(onednn_linear, weights, x, args.repeats)
-            results[rows] = {"f_linear_ms": mkl * 1e3, "onednn_ms": dnn * 1e3, "speedup": mkl / dnn,
-                             "onednn_gb_per_s": mbytes / 1e3 / dnn}
-            print(f"rows {rows:4d}: F.linear {mkl * 1e3:8.1f} ms  oneDNN {dnn * 1e3:8.1f} ms  "
-                  f"speedup {mkl / dnn:.2f}x  ({mbytes / 1e3 / dnn:.1f} GB/s)", flush=True)
+            packed = time_pass(onednn_linear, packed_weights, x, args.repeats)
+            results[rows] = {"f_linear_ms": mkl * 1e3, "onednn_ms": dnn * 1e3, "onednn_packed_ms": packed * 1e3,
+                             "onednn_speedup": mkl / dnn, "packed_speedup": mkl / packed,
+                             "packed_gb_per_s": mbytes / 1e3 / packed}
+            print(f"rows {rows:4d}: F.linear {mkl * 1e3:8.1f} ms  oneDNN {dnn * 1e3:8.1f} ms ({mkl / dnn:.2f}x)  "
+                  f"oneDNN packed {packed * 1e3:8.1f} ms ({mkl / packed:.2f}x, {mbytes / 1e3 / packed:.1f} GB/s)",
+                  flush=True)
     print(json.dumps(results))
 
 

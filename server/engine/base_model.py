@@ -78,7 +78,7 @@ def load_base(prepared: PreparedBase, backend: Backend, lora_kernel: str = "stac
     if lora_kernel == "stacked":
         slots = LoraSlots(lora_slots, dict(signature.linear_shapes), backend.device, backend.dtype)
     active = ActiveAdapters(slots)
-    wrapped = wrap_linears(model, active, backend.linear)
+    wrapped = wrap_linears(model, active, backend.linear, backend.pack)
     tokenizer = AutoTokenizer.from_pretrained(prepared.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

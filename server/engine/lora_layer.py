@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.backend import LinearFn
+from server.engine.backend import LinearFn, PackFn, no_pack
 from server.engine.loaded import LoadedAdapter
 from server.engine.lora_rows import RowWeights
 from server.engine.lora_slots import LoraSlots
@@ -173,30 +173,39 @@ def _runs(rows: list[LoadedAdapter | None]) -> list[tuple[LoadedAdapter, int, in
 class LoraLinear(nn.Module):
     """y = base(x) + scaling * B(A(x)) for the rows whose adapter targets this module.
 
-    The base matmul goes through `linear` (the backend's kernel, see backend.py).
+    The base matmul goes through `linear` (the backend's kernel, see backend.py) on `pack(weight)`, the
+    weight in the layout that kernel reads fastest. The plain weight stays `base.weight` (tied
+    embeddings, merges); whoever changes it calls `repack()`.
     """
 
-    def __init__(self, base: nn.Linear, name: str, active: ActiveAdapters, linear: LinearFn = F.linear) -> None:
+    def __init__(self, base: nn.Linear, name: str, active: ActiveAdapters, linear: LinearFn = F.linear,
+                 pack: PackFn = no_pack) -> None:
         super().__init__()
         self.base = base
         self.name = name
         self.active = active
         self.linear = linear
+        self.pack = pack
+        self.kernel_weight = pack(base.weight)
 
     @property
     def weight(self) -> torch.Tensor:  # models that read `.weight` (tied embeddings) still work
         return self.base.weight
 
+    def repack(self) -> None:
+        self.kernel_weight = self.pack(self.base.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, in] -> [B, S, out]
-        return self.active.apply(self.name, x, self.linear(x, self.base.weight, self.base.bias))
+        return self.active.apply(self.name, x, self.linear(x, self.kernel_weight, self.base.bias))
 
 
-def wrap_linears(model: nn.Module, active: ActiveAdapters, linear: LinearFn = F.linear) -> list[str]:
+def wrap_linears(model: nn.Module, active: ActiveAdapters, linear: LinearFn = F.linear,
+                 pack: PackFn = no_pack) -> list[str]:
     """Replace every nn.Linear in `model` by a LoraLinear (names as PEFT writes them). Returns the names."""
     targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoraLinear(module, name, active, linear))
+        setattr(parent, child, LoraLinear(module, name, active, linear, pack))
     return [name for name, _ in targets]

@@ -42,3 +42,4 @@ class Merger:
         for module, weights in adapter.lora.items():
             layer = self.base.model.get_submodule(module)
             op(layer.base.weight, weights)
+            layer.repack()
