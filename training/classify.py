@@ -3,7 +3,7 @@ held-out accuracy, precision, recall, F1 (macro and per class) and the confusion
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from peft import PeftModel
@@ -14,8 +14,8 @@ from transformers import PreTrainedTokenizerBase
 from adapters import PreparedBase
 from training.config import TrainConfig
 from training.data import ClassificationExample, Dataset, Split
-from training.loop import shuffled_batches, train_loop
-from training.metrics import classification_report
+from training.loop import Validation, train_loop, watched_metric
+from training.metrics import DIGITS, classification_report
 from training.models import add_lora, default_target_modules, load_sequence_classifier, load_tokenizer
 from training.output import TrainResult, write_adapter
 
@@ -32,15 +32,28 @@ def predict(
     progress: bool = False,
 ) -> list[int]:
     """Predicted class index per text; batches go in length order to spend little on padding."""
+    return predict_with_loss(model, tokenizer, texts, None, max_length, batch_size, progress)[0]
+
+
+@torch.no_grad()
+def predict_with_loss(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: list[str], labels: list[int] | None,
+    max_length: int, batch_size: int, progress: bool = False,
+) -> tuple[list[int], float | None]:
+    """Predicted class index per text and, given the true `labels`, the mean cross-entropy over the rows."""
     model.eval()
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     predictions = [0] * len(texts)
+    total_nll = 0.0
     for start in tqdm(range(0, len(order), batch_size), desc="eval", unit="batch", disable=not progress, leave=False):
         chunk = order[start : start + batch_size]
         logits = model(**encode_texts(tokenizer, [texts[i] for i in chunk], max_length)).logits  # [B, num_labels]
         for i, label in zip(chunk, logits.argmax(dim=-1).tolist()):
             predictions[i] = label
-    return predictions
+        if labels is not None:
+            targets = torch.tensor([labels[i] for i in chunk])
+            total_nll += torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
+    return predictions, (total_nll / max(len(texts), 1) if labels is not None else None)
 
 
 def evaluate_classifier(
@@ -53,6 +66,19 @@ def evaluate_classifier(
     return classification_report([e.label for e in examples], predicted, labels)
 
 
+def classification_loss(
+    tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> Callable[[nn.Module, list[ClassificationExample]], torch.Tensor]:
+    """The training step's loss: tokenize the batch's texts (right-padded, cut at max_length), cross-entropy
+    on the labels. The batch is tokenized inside the step, so step timings (bench_training_speed) include it."""
+
+    def loss_fn(model: nn.Module, batch: list[ClassificationExample]) -> torch.Tensor:
+        inputs = encode_texts(tokenizer, [e.text for e in batch], max_length)
+        return model(**inputs, labels=torch.tensor([e.label for e in batch])).loss
+
+    return loss_fn
+
+
 def train_classifier(config: TrainConfig, base: PreparedBase, split: Split, progress: bool = True) -> TrainResult:
     """Train a classification LoRA (+ head) on split.train, evaluate on split.validation, write the folder."""
     labels = split.train.labels
@@ -62,13 +88,24 @@ def train_classifier(config: TrainConfig, base: PreparedBase, split: Split, prog
     config = config.resolved("classification", default_target_modules(model))
     peft_model: PeftModel = add_lora(model, config, "classification", base.name)
     train_rows: list[ClassificationExample] = list(split.train.examples)  # type: ignore[arg-type]
+    val_rows: list[ClassificationExample] = list(split.validation.examples)  # type: ignore[arg-type]
+    metric, higher_is_better = watched_metric(config, "classification")
 
-    def loss_fn(m: nn.Module, batch: list[ClassificationExample]) -> torch.Tensor:
-        inputs = encode_texts(tokenizer, [e.text for e in batch], config.max_length)
-        return m(**inputs, labels=torch.tensor([e.label for e in batch])).loss
+    def validate(m: nn.Module) -> dict[str, float]:
+        gold = [e.label for e in val_rows]
+        predicted, loss = predict_with_loss(m, tokenizer, [e.text for e in val_rows], gold, config.max_length,
+                                            config.eval_batch_size)
+        report = classification_report(gold, predicted, labels)
+        return {"loss": round(loss or 0.0, DIGITS), "accuracy": report["accuracy"], "f1_macro": report["f1_macro"]}
 
-    stats = train_loop(peft_model, shuffled_batches(train_rows, config.batch_size, config.seed), loss_fn, config, progress)
+    stats = train_loop(peft_model, train_rows, classification_loss(tokenizer, config.max_length), config, progress,
+                       validation=Validation(validate, metric, higher_is_better))
     report = evaluate_classifier(peft_model, tokenizer, split.validation, labels, config.max_length,
                                  config.eval_batch_size, progress)
-    metrics = {"held_out": report, "train": {**stats.summary(), "rows": len(train_rows)}}
+    metrics: dict[str, Any] = {"held_out": report, "train": {**stats.summary(), "rows": len(train_rows)}}
+    if split.validation_parts:
+        metrics["held_out_by_data"] = {
+            part.name.removesuffix("[validation]"): evaluate_classifier(
+                peft_model, tokenizer, part, labels, config.max_length, config.eval_batch_size)
+            for part in split.validation_parts}
     return write_adapter(config, base, peft_model, "classification", labels, metrics, stats)

@@ -15,12 +15,15 @@ from peft import PeftModel
 from adapters import BaseSignature, read_adapter_folder, resolve_base, validate_against_base
 from training.classify import evaluate_classifier
 from training.config import TrainConfig
-from training.data import ClassificationExample, Dataset, Split, load_dataset, split_dataset
-from training.errors import ConfigError, DatasetError
+from training.data import Split, load_dataset, relabel, split_dataset
+from training.errors import ConfigError
 from training.models import load_causal_lm, load_sequence_classifier, load_tokenizer
-from training.sft import before_after, encode_split_part
+from training.pretrain import pack_blocks
+from training.sft import before_after, encode_rows, held_out_by_part
 
 SPLITS = ("validation", "all")
+PRETRAIN = "pretrain"
+__all__ = ["evaluate_adapter", "relabel"]  # relabel lives in training.data; exports and benchmarks import it here
 
 
 def evaluate_adapter(
@@ -42,12 +45,14 @@ def evaluate_adapter(
         raise ConfigError("this adapter has no manifest naming its base; pass --base")
     if not data_ref:
         raise ConfigError("this adapter has no manifest naming its data; pass --data")
+    # a pretrain adapter is a completion adapter to the server; its data is raw text all the same
+    task = PRETRAIN if folder.task == "completion" and saved.get("task") == PRETRAIN else folder.task
     config = TrainConfig.from_manifest(
-        saved, base=base_ref, data=data_ref, out=Path(adapter_dir), task=folder.task,
+        saved, base=base_ref, data=data_ref, out=Path(adapter_dir), task=task,
         eval_batch_size=batch_size, cache_dir=cache_dir,
     )
     prepared = resolve_base(config.base, config.cache_dir)
-    dataset = load_dataset(config.data, folder.task)
+    dataset = load_dataset(config.data, task)
     tokenizer = load_tokenizer(prepared.path)
     labels = folder.labels or dataset.labels
     if folder.task == "completion":
@@ -61,25 +66,25 @@ def evaluate_adapter(
     if split == "validation":
         parts = split_dataset(dataset, config.val_fraction, config.split_seed, config.eval_rows)
     else:
-        parts = Split(train=dataset, validation=dataset)
-    max_length = config.resolved(folder.task, ()).max_length  # the saved value, else the task default
+        parts = Split(train=dataset, validation=dataset, validation_parts=dataset.parts)
+    max_length = config.resolved(task, ()).max_length  # the saved value, else the task default
+    by_data: dict[str, Any] = {}
     if folder.task == "completion":
-        rows = encode_split_part(tokenizer, parts, "validation", max_length)
+        encode = pack_blocks if task == PRETRAIN else encode_rows
+        rows = encode(tokenizer, parts.validation, max_length)
         figures = before_after(peft_model, rows, tokenizer.pad_token_id, config.eval_batch_size, progress)
+        by_data = held_out_by_part(peft_model, tokenizer, parts.validation_parts, max_length,
+                                   config.eval_batch_size, encode)
     else:
         figures = evaluate_classifier(peft_model, tokenizer, parts.validation, labels, max_length,
                                       config.eval_batch_size, progress)
-    return {
-        "adapter": str(folder.path), "task": folder.task, "base": prepared.name, "data": config.data,
+        by_data = {part.name.removesuffix("[validation]"): evaluate_classifier(
+            peft_model, tokenizer, part, labels, max_length, config.eval_batch_size)
+            for part in parts.validation_parts}
+    result = {
+        "adapter": str(folder.path), "task": task, "base": prepared.name, "data": config.data,
         "split": split, "held_out": figures,
     }
-
-
-def relabel(dataset: Dataset, labels: tuple[str, ...]) -> Dataset:
-    """The same rows with label indices into `labels` (the adapter's order); unknown label names are an error."""
-    index = {label: i for i, label in enumerate(labels)}
-    unknown = sorted({dataset.labels[e.label] for e in dataset.examples if dataset.labels[e.label] not in index})
-    if unknown:
-        raise DatasetError(f"{dataset.name}: labels {unknown} are not among the adapter's labels {list(labels)}")
-    examples = tuple(ClassificationExample(e.text, index[dataset.labels[e.label]]) for e in dataset.examples)
-    return Dataset(dataset.name, dataset.task, examples, labels)
+    if by_data:
+        result["held_out_by_data"] = by_data
+    return result

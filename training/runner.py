@@ -1,23 +1,38 @@
-"""One entry point for every training run: check the method, resolve base, task and data, dispatch."""
+"""One entry point for every training run: check the method, resolve base, task and data, dispatch, then
+write the report folder and drop the checkpoints the run no longer needs."""
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
-from adapters import resolve_base
+from adapters import PreparedBase, resolve_base
+from training.checkpoints import find_resume_checkpoint, remove_checkpoints
 from training.classify import train_classifier
 from training.config import AUTO, IMPLEMENTED_METHODS, TrainConfig
-from training.data import load_dataset, split_dataset
+from training.data import Split, load_dataset, split_dataset
 from training.errors import MethodNotImplementedError
 from training.models import default_task
 from training.output import TrainResult
+from training.pretrain import train_pretrain
+from training.report import write_report
 from training.sft import train_completion
+
+Trainer = Callable[[TrainConfig, PreparedBase, Split, bool], TrainResult]
+TRAINERS: dict[str, Trainer] = {
+    "completion": train_completion,
+    "classification": train_classifier,
+    "pretrain": train_pretrain,
+}
 
 
 def run_training(config: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train `config.method` on `config.data` over `config.base` and write the adapter folder at config.out.
+    """Train `config.method` on `config.data` over `config.base` and write the adapter folder at config.out
+    (and OUT/report/).
 
-    Raises TrainingError (and subclasses) or adapters.BaseNotFoundError for anything the user can fix.
+    Everything the user can get wrong (the data, the resume point) is checked before anything is written, and
+    the adapter folder is replaced atomically: a failed run leaves an earlier adapter and its checkpoints as
+    they were. Raises TrainingError (and subclasses) or adapters.BaseNotFoundError for what the user can fix.
     """
     if config.method not in IMPLEMENTED_METHODS:
         raise MethodNotImplementedError(
@@ -26,8 +41,11 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainResult:
     base = resolve_base(config.base, config.cache_dir)
     task = default_task(base) if config.task == AUTO else config.task
     config = dataclasses.replace(config, task=task)
+    find_resume_checkpoint(config)  # a bad --resume fails now, not after the data and the model have loaded
     dataset = load_dataset(config.data, task)
     split = split_dataset(dataset, config.val_fraction, config.split_seed, config.eval_rows)
-    if task == "completion":
-        return train_completion(config, base, split, progress)
-    return train_classifier(config, base, split, progress)
+    result = TRAINERS[task](config, base, split, progress)
+    write_report(result)
+    if config.checkpoint_every:
+        remove_checkpoints(config.out)
+    return result

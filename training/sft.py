@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from peft import PeftModel
@@ -15,15 +15,17 @@ from transformers import PreTrainedTokenizerBase
 
 from adapters import PreparedBase
 from training.config import TrainConfig
-from training.data import Split
+from training.data import Dataset, Split
 from training.errors import DatasetError
-from training.loop import shuffled_batches, train_loop
+from training.loop import Validation, train_loop, watched_metric
 from training.models import add_lora, default_target_modules, load_causal_lm, load_tokenizer
 from training.output import TrainResult, write_adapter
 from training.sft_data import IGNORE_INDEX, EncodedCompletion, collate, encode_all
 
 log = logging.getLogger(__name__)
 FIGURE_DIGITS = 4
+# (tokenizer, data set, max_length) -> token rows; completion rows here, packed raw text in training.pretrain
+Encoder = Callable[[PreTrainedTokenizerBase, Dataset, int], list[EncodedCompletion]]
 
 
 @torch.no_grad()
@@ -75,10 +77,8 @@ def held_out_figures(base: dict[str, Any], adapted: dict[str, Any]) -> dict[str,
     }
 
 
-def encode_split_part(
-    tokenizer: PreTrainedTokenizerBase, split: Split, part: str, max_length: int
-) -> list[EncodedCompletion]:
-    dataset = getattr(split, part)
+def encode_rows(tokenizer: PreTrainedTokenizerBase, dataset: Dataset, max_length: int) -> list[EncodedCompletion]:
+    """Completion rows -> token ids with labels on the answer; rows whose prompt fills max_length are dropped."""
     rows, skipped = encode_all(tokenizer, dataset.examples, max_length)
     if skipped:
         log.warning("%s: %d rows skipped: their prompt alone fills max_length=%d", dataset.name, skipped, max_length)
@@ -87,16 +87,43 @@ def encode_split_part(
     return rows
 
 
-def train_completion(config: TrainConfig, base: PreparedBase, split: Split, progress: bool = True) -> TrainResult:
-    """Train a completion LoRA on split.train, evaluate on split.validation, write the adapter folder."""
+def encode_split_part(
+    tokenizer: PreTrainedTokenizerBase, split: Split, part: str, max_length: int, encode: Encoder | None = None,
+) -> list[EncodedCompletion]:
+    return (encode or encode_rows)(tokenizer, getattr(split, part), max_length)
+
+
+def held_out_by_part(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, parts: tuple[Dataset, ...], max_length: int,
+    batch_size: int, encode: Encoder, progress: bool = False,
+) -> dict[str, Any]:
+    """before_after on each source of a multi-task set, keyed by the source's name."""
+    return {_source_name(part): before_after(model, encode(tokenizer, part, max_length), tokenizer.pad_token_id,
+                                             batch_size, progress) for part in parts}
+
+
+def _source_name(part: Dataset) -> str:
+    return part.name.removesuffix("[validation]")
+
+
+def train_completion(
+    config: TrainConfig, base: PreparedBase, split: Split, progress: bool = True, encode: Encoder | None = None,
+) -> TrainResult:
+    """Train a causal-LM LoRA on split.train, evaluate on split.validation, write the adapter folder.
+
+    `encode` turns a data set into token rows: completion rows with the loss on the answer (the default), or
+    packed raw-text blocks with the loss on every token (training.pretrain). The folder's task is completion
+    either way: that is what the server does with it."""
+    encode = encode or encode_rows
     tokenizer = load_tokenizer(base.path)
     torch.manual_seed(config.seed)  # LoRA A init and dropout
     model = load_causal_lm(base)
-    config = config.resolved("completion", default_target_modules(model))
-    train_rows = encode_split_part(tokenizer, split, "train", config.max_length)
-    val_rows = encode_split_part(tokenizer, split, "validation", config.max_length)
+    config = config.resolved(config.task, default_target_modules(model))
+    train_rows = encode(tokenizer, split.train, config.max_length)
+    val_rows = encode(tokenizer, split.validation, config.max_length)
     peft_model = add_lora(model, config, "completion", base.name)
     pad = tokenizer.pad_token_id
+    metric, higher_is_better = watched_metric(config, config.task)
 
     with peft_model.disable_adapter():
         before = answer_loss(peft_model, val_rows, pad, config.eval_batch_size, progress, desc="eval base")
@@ -104,7 +131,16 @@ def train_completion(config: TrainConfig, base: PreparedBase, split: Split, prog
     def loss_fn(m: nn.Module, batch_rows: list[EncodedCompletion]) -> torch.Tensor:
         return m(**collate(batch_rows, pad)).loss  # HF shifts labels and averages over answer tokens
 
-    stats = train_loop(peft_model, shuffled_batches(train_rows, config.batch_size, config.seed), loss_fn, config, progress)
+    def validate(m: nn.Module) -> dict[str, float]:
+        figures = answer_loss(m, val_rows, pad, config.eval_batch_size)
+        return {"loss": figures["loss"], "perplexity": figures["perplexity"]}
+
+    stats = train_loop(peft_model, train_rows, loss_fn, config, progress,
+                       validation=Validation(validate, metric, higher_is_better))
     after = answer_loss(peft_model, val_rows, pad, config.eval_batch_size, progress, desc="eval adapter")
-    metrics = {"held_out": held_out_figures(before, after), "train": {**stats.summary(), "rows": len(train_rows)}}
+    metrics: dict[str, Any] = {"held_out": held_out_figures(before, after),
+                               "train": {**stats.summary(), "rows": len(train_rows)}}
+    if split.validation_parts:  # base figures per source come from disabling the (frozen-base) adapter
+        metrics["held_out_by_data"] = held_out_by_part(peft_model, tokenizer, split.validation_parts,
+                                                       config.max_length, config.eval_batch_size, encode)
     return write_adapter(config, base, peft_model, "completion", (), metrics, stats)
