@@ -167,6 +167,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
             if not module.supports_gradient_checkpointing:
                 raise ConfigError(f"{type(module).__name__} does not support gradient checkpointing")
             module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            module.config.use_cache = False  # a KV cache is of no use in training, and transformers warns about it
             return
     raise ConfigError("gradient checkpointing needs a transformers model")
 

@@ -50,11 +50,13 @@ def test_too_little_text_is_a_clear_error(tokenizer) -> None:
 
 @pytest.fixture(scope="module")
 def pretrain_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> TrainResult:
+    """Two text files in one run (--data a,b), so the per-data-set figures of the causal-LM path are covered too."""
     root = tmp_path_factory.mktemp("pretrain")
-    corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(DOCUMENTS * 6) + "\n")
-    config = tiny_config(tiny_llama_dir, corpus, root / "adapter", task="pretrain", max_length=24, max_steps=20,
-                         eval_every=10)
+    rivers, village = root / "rivers.txt", root / "village.txt"
+    rivers.write_text("\n\n".join([DOCUMENTS[0], DOCUMENTS[3]] * 6) + "\n")
+    village.write_text("\n\n".join([DOCUMENTS[1], DOCUMENTS[2]] * 6) + "\n")
+    config = tiny_config(tiny_llama_dir, f"{rivers},{village}", root / "adapter", task="pretrain", max_length=24,
+                         max_steps=20, eval_every=10)
     return run_training(config, progress=False)
 
 
@@ -71,9 +73,17 @@ def test_pretrain_folder_is_a_completion_adapter(pretrain_run: TrainResult) -> N
     assert folder.manifest.train_config["task"] == "pretrain" and folder.manifest.train_config["max_length"] == 24
 
 
+def test_held_out_figures_per_text_file(pretrain_run: TrainResult) -> None:
+    by_data = pretrain_run.manifest.metrics["held_out_by_data"]
+    assert list(by_data) == ["rivers.txt", "village.txt"]
+    for figures in by_data.values():
+        assert figures["adapter"]["loss"] < figures["base"]["loss"] and figures["answer_tokens"] > 0
+
+
 def test_eval_rebuilds_the_pretrain_figures(pretrain_run: TrainResult) -> None:
     result = evaluate_adapter(pretrain_run.out)
     assert result["task"] == "pretrain" and result["held_out"] == pretrain_run.manifest.metrics["held_out"]
+    assert result["held_out_by_data"] == pretrain_run.manifest.metrics["held_out_by_data"]
 
 
 def test_pretrain_on_a_bundled_set_with_an_encoder_base_is_refused(tmp_path: Path, tiny_bert_dir: Path) -> None:
