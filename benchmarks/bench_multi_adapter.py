@@ -153,12 +153,13 @@ def random_adapters(base, count: int, rank: int, seed: int) -> list[LoadedAdapte
     from adapters import LoraWeights
 
     gen = torch.Generator().manual_seed(seed)
+    dtype = base.backend.dtype
     shapes = base.signature.linear_shapes
     modules = [m for m in shapes if m.rsplit(".", 1)[-1] in TARGETS]
     adapters = []
     for i in range(count):
-        lora = {m: LoraWeights(a=torch.randn(rank, shapes[m][1], generator=gen) * 0.02,
-                               b=torch.randn(shapes[m][0], rank, generator=gen) * 0.02, scaling=2.0)
+        lora = {m: LoraWeights(a=(torch.randn(rank, shapes[m][1], generator=gen) * 0.02).to(dtype),
+                               b=(torch.randn(shapes[m][0], rank, generator=gen) * 0.02).to(dtype), scaling=2.0)
                 for m in modules}
         adapters.append(LoadedAdapter(f"sweep-{i}", 1, "completion", Path("."), rank, lora))
     return adapters

@@ -122,11 +122,7 @@ class ActiveAdapters:
             if x.shape[1] > 1:  # prefill is compute-bound: each adapter only on its own rows
                 return self._apply_runs(name, x, out)
             if self.per_row:  # decode, rows on mostly distinct adapters: each row times its own blocks
-                row_views = self.row_weights.views(name)
-                if row_views is None:
-                    return out
-                a_rows, b_rows = row_views
-                return out.baddbmm_(torch.bmm(x, a_rows), b_rows)
+                return self.row_weights.apply(name, x, out)
             # Decode, many rows on few adapters: read each of the batch's adapters once, two matmuls.
             views = self._decode_views(name)
             if views is None:

@@ -170,3 +170,23 @@ def test_per_row_views_are_reused_while_the_batch_stays_the_same():
     assert active.row_weights.views("q") is first  # same rows, same slot contents: nothing rebuilt
     active.set_rows(pool[:2], torch.device("cpu"))
     assert active.row_weights.views("q") is not first
+
+
+def test_per_row_decode_of_a_bfloat16_base_computes_the_delta_in_float32():
+    gen = torch.Generator().manual_seed(5)
+    pool = [_adapter(f"a{i}", 8, ["q", "v"], gen) for i in range(3)]
+    active = ActiveAdapters(LoraSlots(4, MODULES, torch.device("cpu"), torch.bfloat16))
+    active.set_rows([pool[0], None, pool[2], pool[1]], torch.device("cpu"))
+    assert active.per_row
+    x = torch.randn(4, 1, 16, generator=gen)
+    base_out = torch.randn(4, 1, 24, generator=gen)
+    with torch.no_grad():
+        got = active.apply("q", x.bfloat16(), base_out.bfloat16().clone())
+    assert got.dtype == torch.bfloat16 and active.row_weights.views("q")[0].dtype == torch.float32
+    expected = base_out.clone()
+    for row, adapter in enumerate([pool[0], None, pool[2], pool[1]]):
+        if adapter is not None:  # the reference in float32 from the bfloat16 weights the slots hold
+            w = adapter.lora["q"]
+            a, b = w.a.bfloat16().float(), (w.b * w.scaling).bfloat16().float()
+            expected[row] += x[row].bfloat16().float() @ a.T @ b.T
+    torch.testing.assert_close(got.float(), expected, atol=0.1, rtol=2e-2)
