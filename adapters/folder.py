@@ -17,7 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from adapters.errors import AdapterFormatError
-from adapters.manifest import MANIFEST_FILE, Manifest, check_file_hashes, read_manifest, sha256_file
+from adapters.manifest import (MANIFEST_FILE, Manifest, check_file_hashes, check_served_method, read_manifest,
+                               sha256_file)
 from adapters.spec import LoraSpec, parse_lora_config
 
 CONFIG_FILE = "adapter_config.json"
@@ -68,6 +69,7 @@ def folder_digest(path: str | Path) -> str:
     """sha256 over the files that make the adapter (config, weights, manifest): a server that drops an
     adapter from memory and re-reads it later checks that it reads the same adapter."""
     folder = Path(path)
+    _refuse_unserved_method(folder)
     digest = hashlib.sha256()
     for name in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE):
         file = folder / name
@@ -84,6 +86,7 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     folder = Path(path)
     if not folder.is_dir():
         raise AdapterFormatError(f"adapter path {str(folder)!r} is not a directory")
+    manifest = _refuse_unserved_method(folder)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise AdapterFormatError(f"{CONFIG_FILE} is missing in {folder.name!r}")
@@ -103,7 +106,6 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     if not isinstance(raw_config, dict):
         raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object")
     spec = parse_lora_config(raw_config)
-    manifest = read_manifest(folder)
     if manifest is not None:
         check_file_hashes(folder, manifest)
     try:
@@ -114,6 +116,15 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     if not lora:
         raise AdapterFormatError(f"{WEIGHTS_FILE} holds no LoRA weights (lora_A / lora_B)")
     return AdapterFolder(path=folder, spec=spec, manifest=manifest, lora=lora, extra=extra)
+
+
+def _refuse_unserved_method(folder: Path) -> Manifest | None:
+    """The folder's manifest; a folder of a method that is not served (IA3, freeze, ...) is refused by that
+    method's name here, before a file it does not have is reported missing."""
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        check_served_method(manifest)
+    return manifest
 
 
 def _split_state(state: dict[str, torch.Tensor], spec: LoraSpec) -> tuple[dict[str, LoraWeights], dict[str, torch.Tensor]]:

@@ -18,6 +18,9 @@ from adapters.errors import AdapterFormatError
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
 TASKS = ("completion", "classification")
+# Methods whose folders are LoRA folders the server stacks on its base. A qlora folder is one: its LoRA was
+# trained over a 4-bit copy of the same base, and serving it on the full-precision base is QLoRA's usual use.
+SERVED_METHODS = ("lora", "qlora")
 _HASH_CHUNK = 1 << 20
 
 
@@ -48,6 +51,15 @@ class Manifest:
         data = asdict(self)
         data["labels"] = list(self.labels)
         return json.dumps(data, indent=2, sort_keys=True)
+
+
+def check_served_method(manifest: Manifest) -> None:
+    """Raise AdapterFormatError if the manifest names a method whose folders are not LoRA folders (prompt
+    tuning, IA3, freeze, full, ...): refused by name before their files are read as LoRA."""
+    if manifest.method not in SERVED_METHODS:
+        raise AdapterFormatError(
+            f"method {manifest.method!r} adapters are not served yet; served methods: {', '.join(SERVED_METHODS)}"
+        )
 
 
 def sha256_file(path: Path) -> str:
