@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -16,7 +15,7 @@ from training.config import TrainConfig
 from training.data import ClassificationExample, Dataset, Split
 from training.loop import Validation, train_loop, watched_metric
 from training.metrics import DIGITS, classification_report
-from training.models import add_lora, default_target_modules, load_sequence_classifier, load_tokenizer
+from training.models import default_target_modules, load_sequence_classifier, load_tokenizer, prepare_model
 from training.output import TrainResult, write_adapter
 
 
@@ -85,8 +84,8 @@ def train_classifier(config: TrainConfig, base: PreparedBase, split: Split, prog
     tokenizer = load_tokenizer(base.path)
     torch.manual_seed(config.seed)  # head and LoRA A init, dropout
     model = load_sequence_classifier(base, labels, tokenizer.pad_token_id)
-    config = config.resolved("classification", default_target_modules(model))
-    peft_model: PeftModel = add_lora(model, config, "classification", base.name)
+    config = config.resolved("classification", default_target_modules(model, config.method))
+    peft_model = prepare_model(model, config, "classification", base.name)
     train_rows: list[ClassificationExample] = list(split.train.examples)  # type: ignore[arg-type]
     val_rows: list[ClassificationExample] = list(split.validation.examples)  # type: ignore[arg-type]
     metric, higher_is_better = watched_metric(config, "classification")

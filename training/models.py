@@ -1,4 +1,4 @@
-"""Load a prepared base for a task (fp32, CPU) and wrap it with PEFT LoRA.
+"""Load a prepared base for a task (fp32, CPU) and make it trainable by the configured method.
 
 Why fp32: on CPU it is the fast dtype, and the server's CPU default is fp32 too, so what training
 measures is what serving computes.
@@ -10,17 +10,15 @@ import json
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
 from adapters import PreparedBase
+from training import methods
 from training.config import TrainConfig
 from training.errors import ConfigError
 
-DECODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")  # Llama-style attention projections
-ENCODER_TARGETS = ("query", "key", "value", "dense")  # BERT-style attention + feed-forward linears
 CAUSAL_ARCHITECTURE_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 DTYPE = torch.float32
 
@@ -37,15 +35,14 @@ def is_causal_lm(path: Path) -> bool:
     return any(a.endswith(CAUSAL_ARCHITECTURE_SUFFIXES) for a in architectures)
 
 
-def default_target_modules(model: nn.Module) -> tuple[str, ...]:
-    """The LoRA targets to use when none are given, picked by the linear layers the model has."""
-    leaf_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    for targets in (DECODER_TARGETS, ENCODER_TARGETS):
-        if set(targets) <= leaf_names:
-            return targets
-    raise ConfigError(
-        f"no default LoRA targets for this architecture; pass --target-modules (linear layers: {sorted(leaf_names)})"
-    )
+def default_target_modules(model: nn.Module, method: str = "lora") -> tuple[str, ...]:
+    """The modules `method` wraps when --target-modules is not given (training.methods decides)."""
+    return methods.default_target_modules(model, method)
+
+
+def prepare_model(model: PreTrainedModel, config: TrainConfig, task: str, base_name: str) -> nn.Module:
+    """`model` made trainable by config.method: see training.methods (the method table)."""
+    return methods.prepare_model(model, config, task, base_name)
 
 
 def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
@@ -67,26 +64,6 @@ def load_sequence_classifier(base: PreparedBase, labels: tuple[str, ...], pad_to
         base.path, dtype=DTYPE, num_labels=len(labels), pad_token_id=pad_token_id,
         id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
     )
-
-
-def add_lora(model: PreTrainedModel, config: TrainConfig, task: str, base_name: str) -> PeftModel:
-    """Wrap `model` with trainable LoRA on config.target_modules (base weights frozen).
-
-    For classification, TaskType.SEQ_CLS also trains and saves the head (PEFT's modules_to_save), which is
-    where the server finds it. base_model_name_or_path is set to the base's name, not this machine's path.
-    """
-    present = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)}
-    missing = [t for t in config.target_modules if t not in present]
-    if missing:
-        raise ConfigError(f"target modules {missing} are not linear layers of {base_name!r}; it has {sorted(present)}")
-    lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-        target_modules=list(config.target_modules), bias="none",
-        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
-    )
-    peft_model = get_peft_model(model, lora)
-    peft_model.peft_config["default"].base_model_name_or_path = base_name
-    return peft_model
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -1,6 +1,8 @@
-"""Write a trained adapter folder atomically: PEFT's files first, our manifest last.
+"""Write a trained adapter folder atomically: the method's files first (training.methods), our manifest last.
 
 The folder appears at `out` only once complete (adapters.atomic_directory); a failure leaves nothing.
+The manifest's `method` says what the folder holds: PEFT files for the PEFT methods, the trained tensors
+for freeze, a complete model folder for full.
 """
 
 from __future__ import annotations
@@ -9,13 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peft import PeftModel
+from torch import nn
 
 from adapters import Manifest, PreparedBase, atomic_directory, write_manifest
 from training.config import TrainConfig
 from training.loop import LoopStats
-
-PEFT_MODEL_CARD = "README.md"  # PEFT's generated card: a template that names this machine's base path
+from training.methods import save_trained
 
 
 @dataclass(frozen=True)
@@ -26,13 +27,14 @@ class TrainResult:
 
 
 def write_adapter(
-    config: TrainConfig, base: PreparedBase, model: PeftModel, task: str, labels: tuple[str, ...],
+    config: TrainConfig, base: PreparedBase, model: nn.Module, task: str, labels: tuple[str, ...],
     metrics: dict[str, Any], stats: LoopStats,
 ) -> TrainResult:
-    """save_pretrained (safetensors) + manifest.json (fingerprint, task, labels, metrics, train_config)."""
+    """The method's files (safetensors) + manifest.json (fingerprint, task, method, labels, metrics, train_config)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    metrics = {**metrics, "trainable_parameters": trainable}  # what the optimizer updated, head included
     with atomic_directory(config.out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)  # no hub lookup
-        (tmp / PEFT_MODEL_CARD).unlink(missing_ok=True)
+        save_trained(model, config.method, tmp, base.path)
         manifest = write_manifest(tmp, Manifest(
             task=task, base_name=base.name, base_fingerprint=base.fingerprint, method=config.method,
             labels=labels, metrics=metrics, train_config=config.to_manifest(),

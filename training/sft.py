@@ -18,7 +18,7 @@ from training.config import TrainConfig
 from training.data import Dataset, Split
 from training.errors import DatasetError
 from training.loop import Validation, train_loop, watched_metric
-from training.models import add_lora, default_target_modules, load_causal_lm, load_tokenizer
+from training.models import default_target_modules, load_causal_lm, load_tokenizer, prepare_model
 from training.output import TrainResult, write_adapter
 from training.sft_data import IGNORE_INDEX, EncodedCompletion, collate, encode_all
 
@@ -118,10 +118,10 @@ def train_completion(
     tokenizer = load_tokenizer(base.path)
     torch.manual_seed(config.seed)  # LoRA A init and dropout
     model = load_causal_lm(base)
-    config = config.resolved(config.task, default_target_modules(model))
+    config = config.resolved(config.task, default_target_modules(model, config.method))
     train_rows = encode(tokenizer, split.train, config.max_length)
     val_rows = encode(tokenizer, split.validation, config.max_length)
-    peft_model = add_lora(model, config, "completion", base.name)
+    peft_model = prepare_model(model, config, "completion", base.name)
     pad = tokenizer.pad_token_id
     metric, higher_is_better = watched_metric(config, config.task)
 

@@ -28,12 +28,6 @@ def test_train_then_eval(tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Pat
     assert evaluated["held_out"] == trained["metrics"]["held_out"]
 
 
-@pytest.mark.parametrize("method", ["qlora", "prompt", "prefix", "ptuning", "ia3", "freeze", "full"])
-def test_methods_not_landed_yet(method: str, capsys) -> None:
-    assert main([method, "--base", "b", "--data", "d", "--out", "o"]) == USAGE_ERROR
-    assert _error_line(capsys) == f"training: error: method {method!r} is not implemented yet; available: lora"
-
-
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_export_formats_not_landed_yet(fmt: str, capsys) -> None:
     assert main(["export", "some/adapter", "--format", fmt, "--out", "o"]) == USAGE_ERROR
