@@ -74,6 +74,19 @@ def test_int8_export(tiny_exports):
     assert report["onnx_fp32"]["max_abs_diff"] <= FP32_TOLERANCE  # measured before quantizing
     assert report["onnx_int8"]["argmax_agreement"] >= 0.75  # random tiny weights: a loose sanity bound
     assert (folder / ONNX_MODEL_FILE).stat().st_size < (tiny_exports["two"] / ONNX_MODEL_FILE).stat().st_size
+    assert "per token" in manifest.settings["quantization"]["method"] and manifest.settings["quantization"]["matmuls"]
+    assert manifest.parity["onnx_int8"]["argmax_agreement"] == report["onnx_int8"]["argmax_agreement"]
+
+
+def test_int8_completion_export_decodes(tiny_export_adapters, tiny_llama_dir, tmp_path):
+    """The INT8 rewrite on a decoder graph with a KV cache: optimum's runtime loads it and decodes."""
+    folder = export_folder(tiny_export_adapters["chat"], tmp_path / "chat-int8", base=str(tiny_llama_dir),
+                           quantize="int8", parity_tokens=8)
+    manifest = read_export_folder(folder)
+    assert manifest.quantize == "int8" and manifest.task == "completion"
+    int8 = _parity(folder)["onnx_int8"]
+    assert int8["greedy_identical"].endswith("/4") and 0.0 <= int8["token_agreement"] <= 1.0
+    assert np.isfinite(int8["logits_max_abs_diff"])
 
 
 def test_completion_export_greedy_parity(tiny_exports):
