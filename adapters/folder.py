@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from adapters.errors import AdapterFormatError
 from adapters.manifest import (MANIFEST_FILE, Manifest, check_file_hashes, check_served_method, read_manifest,
                                sha256_file)
+from adapters.prompt_spec import PromptSpec, PromptWeights, is_prompt_config, parse_prompt_config, read_prompt_weights
 from adapters.spec import LoraSpec, parse_lora_config
 
 CONFIG_FILE = "adapter_config.json"
@@ -45,10 +46,11 @@ class AdapterFolder:
     """A parsed, self-consistent adapter (not yet checked against a base: see adapters.validate)."""
 
     path: Path
-    spec: LoraSpec
+    spec: LoraSpec | PromptSpec
     manifest: Manifest | None
-    lora: dict[str, LoraWeights]  # module name -> weights
+    lora: dict[str, LoraWeights]  # module name -> weights (empty for a prompt-learning adapter)
     extra: dict[str, torch.Tensor]  # modules_to_save params, e.g. "classifier.weight"
+    prompt: PromptWeights | None = None  # prompt tuning / prefix tuning / P-tuning v2 (prompt_spec.py)
 
     @property
     def task(self) -> str:
@@ -62,6 +64,8 @@ class AdapterFolder:
 
     def num_parameters(self) -> int:
         tensors = [t for w in self.lora.values() for t in (w.a, w.b)] + list(self.extra.values())
+        if self.prompt is not None:
+            tensors.append(self.prompt.embeddings)
         return sum(t.numel() for t in tensors)
 
 
@@ -105,13 +109,17 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
         raise AdapterFormatError(f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
     if not isinstance(raw_config, dict):
         raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object")
-    spec = parse_lora_config(raw_config)
+    prompt_spec = parse_prompt_config(raw_config) if is_prompt_config(raw_config) else None
+    spec = prompt_spec or parse_lora_config(raw_config)
     if manifest is not None:
         check_file_hashes(folder, manifest)
     try:
         state = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdapterFormatError(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from exc
+    if prompt_spec is not None:
+        prompt = read_prompt_weights(state, prompt_spec)
+        return AdapterFolder(path=folder, spec=prompt_spec, manifest=manifest, lora={}, extra={}, prompt=prompt)
     lora, extra = _split_state(state, spec)
     if not lora:
         raise AdapterFormatError(f"{WEIGHTS_FILE} holds no LoRA weights (lora_A / lora_B)")

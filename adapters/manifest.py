@@ -18,9 +18,11 @@ from adapters.errors import AdapterFormatError
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
 TASKS = ("completion", "classification")
-# Methods whose folders are LoRA folders the server stacks on its base. A qlora folder is one: its LoRA was
-# trained over a 4-bit copy of the same base, and serving it on the full-precision base is QLoRA's usual use.
-SERVED_METHODS = ("lora", "qlora")
+# Methods whose folders the server serves: LoRA folders it stacks on its base (a qlora folder is one: its
+# LoRA was trained over a 4-bit copy of the same base, and serving it on the full-precision base is QLoRA's
+# usual use), and prompt-learning folders it applies per request (virtual tokens, per-layer prefixes).
+SERVED_METHODS = ("lora", "qlora", "prompt", "prefix", "ptuning")
+COMPLETION_ONLY_METHODS = ("prompt", "prefix", "ptuning")
 _HASH_CHUNK = 1 << 20
 
 
@@ -59,6 +61,10 @@ def check_served_method(manifest: Manifest) -> None:
     if manifest.method not in SERVED_METHODS:
         raise AdapterFormatError(
             f"method {manifest.method!r} adapters are not served yet; served methods: {', '.join(SERVED_METHODS)}"
+        )
+    if manifest.method in COMPLETION_ONLY_METHODS and manifest.task != "completion":
+        raise AdapterFormatError(
+            f"method {manifest.method!r} adapters are served for completion only; this one is for {manifest.task}"
         )
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from adapters.errors import AdapterMismatchError
 from adapters.folder import AdapterFolder
+from adapters.prompt_spec import PromptSpec
 
 MAX_REPORTED = 3
 
@@ -25,11 +26,19 @@ class BaseSignature:
     fingerprint: str
     linear_shapes: Mapping[str, tuple[int, int]]  # module name -> (out_features, in_features)
     hidden_size: int
+    num_layers: int = 0  # what a prefix adapter must fit: layers, key/value heads, head size
+    kv_heads: int = 0
+    head_dim: int = 0
 
     @classmethod
     def of(cls, model: nn.Module, name: str, fingerprint: str) -> "BaseSignature":
         shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-        return cls(name=name, fingerprint=fingerprint, linear_shapes=shapes, hidden_size=int(model.config.hidden_size))
+        config = model.config
+        heads = int(getattr(config, "num_attention_heads", 0) or 0)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0))
+        return cls(name=name, fingerprint=fingerprint, linear_shapes=shapes, hidden_size=int(config.hidden_size),
+                   num_layers=int(getattr(config, "num_hidden_layers", 0) or 0), kv_heads=kv_heads, head_dim=head_dim)
 
 
 def validate_against_base(adapter: AdapterFolder, base: BaseSignature) -> None:
@@ -40,6 +49,8 @@ def validate_against_base(adapter: AdapterFolder, base: BaseSignature) -> None:
             f"adapter was built for base {manifest.base_name!r} (fingerprint {manifest.base_fingerprint}), "
             f"but this server runs {base.name!r} (fingerprint {base.fingerprint})"
         )
+    if adapter.prompt is not None:
+        _check_prompt(adapter.prompt.spec, base)
     missing = [m for m in adapter.lora if m not in base.linear_shapes]
     if missing:
         raise AdapterMismatchError(
@@ -57,3 +68,18 @@ def validate_against_base(adapter: AdapterFolder, base: BaseSignature) -> None:
             raise AdapterMismatchError(
                 f"head tensor {key!r} has input size {tensor.shape[1]}, base hidden size is {base.hidden_size}"
             )
+
+
+def _check_prompt(spec: PromptSpec, base: BaseSignature) -> None:
+    if spec.kind == "prompt":
+        if spec.token_dim != base.hidden_size:
+            raise AdapterMismatchError(
+                f"prompt adapter's virtual tokens have size {spec.token_dim}, base hidden size is {base.hidden_size}")
+        return
+    fits = (spec.num_layers, spec.num_heads, spec.token_dim) == (base.num_layers, base.kv_heads,
+                                                                 base.kv_heads * base.head_dim)
+    if not fits:
+        raise AdapterMismatchError(
+            f"prefix adapter is laid out for {spec.num_layers} layers x {spec.num_heads} key/value heads x "
+            f"{spec.token_dim // spec.num_heads} dims; base {base.name!r} has {base.num_layers} x {base.kv_heads} x "
+            f"{base.head_dim}")

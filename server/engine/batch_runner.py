@@ -21,7 +21,11 @@ class RowInput:
     slot: int
     start: int  # tokens already in this slot's cache
     tokens: list[int]  # new tokens of this step (the prompt at prefill, one token at decode)
-    adapter: LoadedAdapter | None
+    adapter: LoadedAdapter | None  # whose LoRA applies to this row
+    # At a request's prefill, the prompt-learning adapter whose positions go first: prompt tuning's virtual
+    # tokens are the row's first tokens (placeholders whose embeddings are replaced); a prefix adapter's keys
+    # and values are written to positions 0 .. V-1 of the slot, and `start` is V.
+    prompt: LoadedAdapter | None = None
 
 
 class BatchRunner:
@@ -54,8 +58,27 @@ class BatchRunner:
         visible = keys[None, None, :] <= positions[:, :, None]  # [B, S, L]
         mask = torch.zeros(visible.shape, dtype=self.base.backend.dtype, device=device)
         mask = mask.masked_fill(~visible, self.mask_value)[:, None]  # [B, 1, S, L]
-        with self.base.adapters_for_rows([r.adapter for r in rows]):
-            hidden = self.decoder(input_ids, positions, mask, self.cache)  # [B, S, hidden]
+        embeds = self._prompt_learning(rows)
+        with self.base.adapters_for_rows([r.adapter if r.adapter is not None and r.adapter.lora else None
+                                          for r in rows]):
+            hidden = self.decoder(input_ids, positions, mask, self.cache, embeds)  # [B, S, hidden]
             last = torch.tensor([len(r.tokens) - 1 for r in rows], device=device)
             final = hidden[torch.arange(len(rows), device=device), last]  # [B, hidden]
             return self.lm_head(final[:, None]).squeeze(1)  # [B, vocab]
+
+    def _prompt_learning(self, rows: list[RowInput]) -> list[tuple[int, torch.Tensor]]:
+        """Write prefix adapters' keys/values into their rows' slots; -> (row, virtual tokens) to embed."""
+        embeds = []
+        for index, row in enumerate(rows):
+            adapter = row.prompt
+            if adapter is None:
+                continue
+            if adapter.virtual_tokens is not None:
+                if row.start != 0 or len(row.tokens) <= adapter.num_virtual_tokens:
+                    raise ValueError("a prompt-tuning row starts with its virtual tokens' placeholders")
+                embeds.append((index, adapter.virtual_tokens))
+            elif adapter.prefix:
+                if row.start != adapter.num_virtual_tokens:
+                    raise ValueError("a prefix-tuning row starts right after its prefix")
+                self.cache.write_prefix(row.slot, adapter.prefix)
+        return embeds

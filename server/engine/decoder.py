@@ -26,11 +26,22 @@ from server.engine.kv_cache import SlotKVCache
 LEAN_MODEL_TYPES = ("llama",)
 
 
+Embeds = list[tuple[int, torch.Tensor]]  # (row, [V, hidden]): replaces that row's first V input embeddings
+
+
 class Decoder(Protocol):
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 cache: SlotKVCache) -> torch.Tensor:
+                 cache: SlotKVCache, embeds: Embeds = ()) -> torch.Tensor:
         """[B, S] ids -> [B, S, hidden], after the final norm."""
         ...
+
+
+def embed(embedding: nn.Module, input_ids: torch.Tensor, embeds: Embeds) -> torch.Tensor:
+    """Token embeddings, with prompt tuning's virtual tokens put in place of their rows' placeholders."""
+    hidden = embedding(input_ids)
+    for row, virtual in embeds:
+        hidden[row, : virtual.shape[0]] = virtual
+    return hidden
 
 
 def make_decoder(model: nn.Module, lean: bool = True) -> Decoder:
@@ -45,10 +56,12 @@ class HFDecoder:
         self.backbone = backbone
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 cache: SlotKVCache) -> torch.Tensor:
+                 cache: SlotKVCache, embeds: Embeds = ()) -> torch.Tensor:
         query_len = input_ids.shape[1]
+        inputs = ({"inputs_embeds": embed(self.backbone.get_input_embeddings(), input_ids, embeds)} if embeds
+                  else {"input_ids": input_ids})
         return self.backbone(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+            **inputs, attention_mask=mask, position_ids=positions, past_key_values=cache,
             cache_position=torch.arange(query_len, device=input_ids.device), use_cache=True,
         ).last_hidden_state
 
@@ -103,8 +116,8 @@ class LlamaDecoder:
         self.layers = list(inner.layers)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                 cache: SlotKVCache) -> torch.Tensor:
-        hidden = self.embed(input_ids)  # [B, S, hidden]
+                 cache: SlotKVCache, embeds: Embeds = ()) -> torch.Tensor:
+        hidden = embed(self.embed, input_ids, embeds)  # [B, S, hidden]
         cos, sin = self.rotary(hidden, positions)  # [B, S, head_dim]
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         for index, layer in enumerate(self.layers):

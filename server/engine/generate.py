@@ -1,5 +1,6 @@
 """The reference decode loop for one request: prefill the prompt, then one token per step with HF's
-DynamicCache. The batched scheduler is tested against it; it also serves when batching is off."""
+DynamicCache, LoRA adapters only. The batched scheduler is tested against it (prompt-learning adapters
+are tested against PEFT's own generate instead)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def generate_tokens(
     base: BaseModel, prompt_ids: list[int], params: SamplingParams, adapter: LoadedAdapter | None
 ) -> Iterator[TextDelta]:
     """Yield text deltas until eos, a stop string, or max_tokens. Closing the iterator stops decoding."""
+    if adapter is not None and adapter.num_virtual_tokens:
+        raise ValueError("the reference loop serves LoRA adapters only; prompt-learning adapters run in the scheduler")
     device = base.backend.device
     state = DecodeState(params, base.tokenizer, eos_ids(base), device)
     cache = DynamicCache()

@@ -53,6 +53,13 @@ class SlotKVCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len
 
+    def write_prefix(self, slot: int, prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...]) -> None:
+        """Put a prefix adapter's per-layer keys/values ([kv_heads, V, head_dim] each) at positions 0 .. V-1."""
+        length = prefix[0][0].shape[1]
+        for (keys, values), k_cache, v_cache in zip(prefix, self.keys, self.values):
+            k_cache[slot, :, :length] = keys
+            v_cache[slot, :, :length] = values
+
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst` (keeps running rows compact)."""
         for k_cache, v_cache in zip(self.keys, self.values):

@@ -36,6 +36,18 @@ class LoadedAdapter:
     head: ClassificationHead | None = None
     metadata: dict = field(default_factory=dict)
     pinned: bool = False  # once in a device slot, never evicted from it
+    # prompt learning (completion only), applied to the request's own row at its prefill:
+    virtual_tokens: torch.Tensor | None = None  # prompt tuning: [V, hidden], embeddings before the prompt's
+    prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None  # prefix / P-tuning v2: per layer (k, v)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """Positions the adapter puts before the prompt in the request's KV cache slot."""
+        if self.virtual_tokens is not None:
+            return self.virtual_tokens.shape[0]
+        if self.prefix:
+            return self.prefix[0][0].shape[1]
+        return 0
 
 
 def load_adapter(name: str, version: int, folder: AdapterFolder, device: torch.device, dtype: torch.dtype,
@@ -47,9 +59,16 @@ def load_adapter(name: str, version: int, folder: AdapterFolder, device: torch.d
     }
     head = _head(folder, device, dtype) if folder.task == "classification" else None
     ranks = {w.rank for w in lora.values()}
+    virtual_tokens, prefix = None, None
+    if folder.prompt is not None and folder.prompt.spec.kind == "prompt":
+        virtual_tokens = folder.prompt.embeddings.to(device=device, dtype=dtype)
+    elif folder.prompt is not None:
+        prefix = tuple((k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype))
+                       for k, v in folder.prompt.prefix_layers())
     return LoadedAdapter(
-        name=name, version=version, task=folder.task, source=folder.path, rank=max(ranks), lora=lora, head=head,
-        metadata={"metrics": folder.manifest.metrics if folder.manifest else {}}, pinned=pinned,
+        name=name, version=version, task=folder.task, source=folder.path, rank=max(ranks, default=0), lora=lora,
+        head=head, metadata={"metrics": folder.manifest.metrics if folder.manifest else {}}, pinned=pinned,
+        virtual_tokens=virtual_tokens, prefix=prefix,
     )
 
 

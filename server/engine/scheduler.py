@@ -98,8 +98,10 @@ class Scheduler(ModelWorker):
                 self.merger.switch_to(None)
 
     def submit(self, request: GenerationRequest) -> None:
-        if len(request.prompt_ids) + request.params.max_tokens > self.limits.max_len:
-            raise ValueError(f"prompt + max_tokens exceeds {self.limits.max_len} tokens")
+        virtual = request.adapter.num_virtual_tokens if request.adapter is not None else 0
+        if virtual + len(request.prompt_ids) + request.params.max_tokens > self.limits.max_len:
+            extra = f" (with the adapter's {virtual} virtual tokens)" if virtual else ""
+            raise ValueError(f"prompt + max_tokens exceeds {self.limits.max_len} tokens{extra}")
         with self._cond:
             if len(self._waiting) >= self.limits.max_waiting:
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting already")
@@ -144,7 +146,7 @@ class Scheduler(ModelWorker):
             if request.cancelled:
                 self._waiting.popleft()
                 continue
-            cost = len(request.prompt_ids)
+            cost = len(request.prompt_ids) + _virtual_tokens(request.adapter)
             if admitted and cost > budget:
                 break
             if self.merger is not None and not self._merge_compatible(request):
@@ -158,7 +160,8 @@ class Scheduler(ModelWorker):
                 adapters.add(id(request.adapter))
             budget -= cost
             state = DecodeState(request.params, self.tokenizer, self.eos_ids, self.base.backend.device)
-            running = _Running(request, state, slot=len(self._running), length=0)
+            prefix = request.adapter.num_virtual_tokens if request.adapter is not None and request.adapter.prefix else 0
+            running = _Running(request, state, slot=len(self._running), length=prefix)  # a prefix fills 0..V-1
             self._running.append(running)
             admitted.append(running)
         self.stats.waiting = len(self._waiting)
@@ -174,8 +177,9 @@ class Scheduler(ModelWorker):
         started = time.perf_counter()
         merged = self.merger is not None  # the adapter is in the weights: rows run as plain base rows
         inputs = [
-            RowInput(r.slot, r.length, r.request.prompt_ids if prefill else [r.next_token],
-                     None if merged else r.request.adapter)
+            RowInput(r.slot, r.length, _prefill_tokens(r.request) if prefill else [r.next_token],
+                     None if merged else r.request.adapter,
+                     prompt=r.request.adapter if prefill and _virtual_tokens(r.request.adapter) else None)
             for r in rows
         ]
         try:
@@ -212,3 +216,15 @@ class Scheduler(ModelWorker):
                 self.runner.cache.move_slot(running.slot, new_slot, running.length)
                 running.slot = new_slot
         self._running = alive
+
+
+def _virtual_tokens(adapter: LoadedAdapter | None) -> int:
+    return adapter.num_virtual_tokens if adapter is not None else 0
+
+
+def _prefill_tokens(request: GenerationRequest) -> list[int]:
+    """The prompt, after prompt tuning's virtual-token placeholders (their embeddings are the adapter's)."""
+    adapter = request.adapter
+    if adapter is not None and adapter.virtual_tokens is not None:
+        return [0] * adapter.num_virtual_tokens + request.prompt_ids
+    return request.prompt_ids

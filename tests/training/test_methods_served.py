@@ -1,5 +1,5 @@
 """Every method end to end (`training METHOD` on the tiny BERT): the folder's manifest names the method, the
-server's reader serves LoRA and QLoRA folders and refuses the others by name, with a 400 from add-adapter;
+server's reader serves LoRA and QLoRA folders (prompt-learning ones for completion only) and refuses the others by name, with a 400 from add-adapter;
 the method options' validation and their CLI flags."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from adapters import AdapterFormatError, read_adapter_folder
-from adapters.manifest import SERVED_METHODS
+from adapters.manifest import COMPLETION_ONLY_METHODS, SERVED_METHODS
 from training.cli import USAGE_ERROR, main
 from training.config import METHODS, TrainConfig
 from training.errors import ConfigError
@@ -52,12 +52,17 @@ def test_trainable_parameter_counts_follow_the_method(runs: dict[str, TrainResul
 
 @pytest.mark.parametrize("method", METHODS)
 def test_the_server_reader_serves_lora_folders_and_refuses_the_rest(method: str, runs: dict[str, TrainResult]) -> None:
-    if method in SERVED_METHODS:
+    if method in SERVED_METHODS and method not in COMPLETION_ONLY_METHODS:
         assert read_adapter_folder(runs[method].out).manifest.method == method
         return
     with pytest.raises(AdapterFormatError) as refused:
         read_adapter_folder(runs[method].out)
-    assert str(refused.value) == f"method {method!r} adapters are not served yet; served methods: lora, qlora"
+    if method in COMPLETION_ONLY_METHODS:  # served per request for completion; these runs are classifiers
+        assert str(refused.value) == (f"method {method!r} adapters are served for completion only; "
+                                      "this one is for classification")
+    else:
+        assert str(refused.value) == (f"method {method!r} adapters are not served yet; served methods: "
+                                      "lora, qlora, prompt, prefix, ptuning")
 
 
 def test_add_adapter_answers_400_for_a_method_it_does_not_serve(

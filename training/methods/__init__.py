@@ -16,7 +16,8 @@ result into a folder and how to read that folder back onto a fresh base.
 | `full`    | every weight                                             | a complete HF model folder (`plain.py`)       |
 
 For classification every method also trains the new head (PEFT's modules_to_save, or the head's own
-weights for freeze / full). The server serves `adapters.SERVED_METHODS` (LoRA folders) and refuses the
+weights for freeze / full). The server serves `adapters.SERVED_METHODS` (LoRA folders in mixed batches;
+prompt, prefix and P-tuning v2 folders per request for completion, in the same batches) and refuses the
 others by the method its manifest names, with a 400.
 """
 
