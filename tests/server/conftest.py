@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,35 @@ def bert_client(tmp_path: Path, tiny_bert_base: BaseModel, tiny_classifiers: dic
 
 
 ADMIN = {"Authorization": "Bearer test-token"}
+
+
+WAIT_S = 60  # seconds a test waits for a request to finish
+
+
+class Collector:
+    """Gathers one request's outputs from the scheduler thread."""
+
+    def __init__(self, cancel_after: int | None = None) -> None:
+        self.cancel_after = cancel_after
+        self.request = None
+        self.deltas = []
+        self.error = None
+        self.done = threading.Event()
+
+    def __call__(self, item) -> None:
+        if isinstance(item, BaseException):
+            self.error = item
+            self.done.set()
+            return
+        self.deltas.append(item)
+        if self.cancel_after is not None and len(self.deltas) == self.cancel_after:
+            self.request.cancel()  # as a disconnecting client does, from another thread
+            self.done.set()
+        if item.finish_reason is not None:
+            self.done.set()
+
+    @property
+    def tokens(self):
+        assert self.done.wait(WAIT_S), "request did not finish"
+        assert self.error is None
+        return [d.token_id for d in self.deltas]

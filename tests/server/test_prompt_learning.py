@@ -17,11 +17,10 @@ from server.engine.batch_runner import BatchRunner, RowInput
 from server.engine.loaded import load_adapter
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import GenerationRequest, Scheduler, SchedulerLimits
-from tests.server.conftest import CPU_FP32
+from tests.server.conftest import CPU_FP32, Collector
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "I like to eat", "Hello!"]
 NEW_TOKENS = 8
-WAIT_S = 60
 
 
 def _make(base_dir: Path, out: Path, config, seed: int) -> Path:
@@ -60,22 +59,6 @@ def _peft_greedy(base_dir: Path, folder: Path | None, prompt_ids: list[int]) -> 
     return out[0, len(prompt_ids):].tolist()
 
 
-class _Collect:
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.error: BaseException | None = None
-        self.done = threading.Event()
-
-    def __call__(self, item) -> None:
-        if isinstance(item, BaseException):
-            self.error = item
-            self.done.set()
-            return
-        self.tokens.append(item.token_id)
-        if item.finish_reason is not None:
-            self.done.set()
-
-
 def test_prompt_learning_adapters_in_a_mixed_batch_match_peft(tiny_llama_base, tiny_llama_dir, prompt_folders,
                                                                tiny_adapters):
     base = tiny_llama_base
@@ -94,12 +77,11 @@ def test_prompt_learning_adapters_in_a_mixed_batch_match_peft(tiny_llama_base, t
         jobs = []
         for name, prompt in rows:  # 6 requests, 4 slots: two join mid-decode, after others leave
             ids = base.tokenizer(prompt)["input_ids"]
-            collect = _Collect()
+            collect = Collector()
             sched.submit(GenerationRequest(ids, SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True),
                                            loaded.get(name), emit=collect))
             jobs.append((name, ids, collect))
         for name, ids, collect in jobs:
-            assert collect.done.wait(WAIT_S) and collect.error is None, collect.error
             expected = _peft_greedy(tiny_llama_dir, folders[name] if name else None, ids)
             assert collect.tokens == expected, name
     finally:

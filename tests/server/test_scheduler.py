@@ -12,45 +12,15 @@ from server.engine.generate import generate_tokens
 from server.engine.loaded import load_adapter
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import GenerationRequest, QueueFullError, Scheduler, SchedulerLimits
-from tests.server.conftest import CPU_FP32
+from tests.server.conftest import CPU_FP32, WAIT_S, Collector
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "I like to eat", "Hello!"]
-WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_adapters):
     return {name: load_adapter(name, 1, read_adapter_folder(path), CPU_FP32.device, CPU_FP32.dtype)
             for name, path in tiny_adapters.items()}
-
-
-class Collector:
-    """Gathers one request's outputs from the scheduler thread."""
-
-    def __init__(self, cancel_after: int | None = None) -> None:
-        self.cancel_after = cancel_after
-        self.request = None
-        self.deltas = []
-        self.error = None
-        self.done = threading.Event()
-
-    def __call__(self, item) -> None:
-        if isinstance(item, BaseException):
-            self.error = item
-            self.done.set()
-            return
-        self.deltas.append(item)
-        if self.cancel_after is not None and len(self.deltas) == self.cancel_after:
-            self.request.cancel()  # as a disconnecting client does, from another thread
-            self.done.set()
-        if item.finish_reason is not None:
-            self.done.set()
-
-    @property
-    def tokens(self):
-        assert self.done.wait(WAIT_S), "request did not finish"
-        assert self.error is None
-        return [d.token_id for d in self.deltas]
 
 
 MODEL_LOCK = threading.Lock()  # the scheduler thread and these reference runs share one model
