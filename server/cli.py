@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
                        help="torch: adapter folders on one base; onnxruntime: export folders from `training export`")
     serve.add_argument("--ort-threads", type=int, default=0, help="onnxruntime threads per session (0: one per core)")
+    serve.add_argument("--threads", type=int, default=0,
+                       help="torch threads of the model's worker thread (0: torch's default, one per core)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument("--adapter", action="append", type=_adapter_pair, default=[], metavar="NAME=PATH",
@@ -77,6 +79,20 @@ def main(argv: list[str] | None = None) -> int:
     return _admin(args)
 
 
+def _default_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _leave_cores_to_workers() -> None:
+    """The main thread (start-up, the event loop) runs torch single-threaded; the model's worker threads
+    get `threads` (server/engine/worker.py says why)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -93,10 +109,12 @@ def _serve(args: argparse.Namespace) -> int:
             device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, served_name=args.served_name,
             max_num_seqs=args.max_num_seqs, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_waiting=args.max_waiting,
             lora_kernel=args.lora_kernel, merge=args.merge, backend=args.backend, ort_threads=args.ort_threads,
+            threads=args.threads or _default_threads(),
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    _leave_cores_to_workers()
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=args.log_level)
     return 0
 

@@ -63,6 +63,7 @@ class ServerConfig(BaseModel):
     state_dir: Path = Field(default_factory=default_state_dir)
     served_name: str | None = Field(None, description="model id of the base in /v1/models; default: base name")
     ort_threads: int = Field(0, ge=0, description="onnxruntime intra-op threads per session (0: one per core)")
+    threads: int = Field(0, ge=0, description="torch intra-op threads of the model's worker threads (0: the default)")
 
     @model_validator(mode="before")
     @classmethod

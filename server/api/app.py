@@ -50,9 +50,11 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
             max_len=min(config.max_model_len, base.context_length),
             prefill_token_budget=config.max_num_batched_tokens, max_adapters_per_batch=config.max_loras,
         )
-        scheduler = Scheduler(base, limits, lock, on_step=metrics.observe_step, merge=config.merge)
+        scheduler = Scheduler(base, limits, lock, on_step=metrics.observe_step, merge=config.merge,
+                              threads=config.threads or None)
     classifier = ClassifyBatcher(base, lock, config.max_classify_batch, config.classify_max_length,
-                                 on_batch=lambda n: metrics.batch_size.labels("classify").observe(n))
+                                 on_batch=lambda n: metrics.batch_size.labels("classify").observe(n),
+                                 threads=config.threads or None)
     metrics.registry.register(EngineCollector(lambda: engine_readings(scheduler, base, registry)))
     return AppState(config=config, base=base, registry=registry, metrics=metrics, admin_token=token,
                     served_name=served, scheduler=scheduler, classifier=classifier)

@@ -31,8 +31,8 @@ class ClassifyJob:
 
 class ClassifyBatcher(ModelWorker):
     def __init__(self, base: BaseModel, model_lock: threading.Lock, max_batch_texts: int, max_length: int,
-                 on_batch: Callable[[int], None] | None = None) -> None:
-        super().__init__(base, model_lock, "loraplex-classify")
+                 on_batch: Callable[[int], None] | None = None, threads: int | None = None) -> None:
+        super().__init__(base, model_lock, "loraplex-classify", threads)
         self.max_batch_texts = max_batch_texts
         self.max_length = max_length
         self.on_batch = on_batch

@@ -80,8 +80,9 @@ class SchedulerStats:
 
 class Scheduler(ModelWorker):
     def __init__(self, base: BaseModel, limits: SchedulerLimits, model_lock: threading.Lock,
-                 on_step: Callable[[str, int, float], None] | None = None, merge: bool = False) -> None:
-        super().__init__(base, model_lock, "loraplex-scheduler")
+                 on_step: Callable[[str, int, float], None] | None = None, merge: bool = False,
+                 threads: int | None = None) -> None:
+        super().__init__(base, model_lock, "loraplex-scheduler", threads)
         self.merger = Merger(base) if merge else None  # merge mode: one adapter in the weights at a time
         self.limits = limits
         self.runner = BatchRunner(base, limits.max_running, limits.max_len)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import threading
 
+import torch
+
 from server.engine.base_model import BaseModel
 
 JOIN_TIMEOUT_S = 30
@@ -15,15 +17,23 @@ class ModelWorker:
 
     Each worker keeps its own tokenizer copy: HF fast tokenizers must not be used from two threads.
     Every forward it runs holds `model_lock`, which all users of the one model share.
+
+    The thread sets its own intra-op thread count (`threads`, default: the creating thread's): with
+    OpenMP each thread has its own count and its own thread team. On this project's 2-core machine a
+    worker thread's forwards ran about 1.5x slower (small batched matmuls 4-10x) once another thread had
+    run a multi-threaded op, so `server serve` loads the model with 1 thread in the main thread and
+    leaves the cores to the worker (cli.py).
     """
 
-    def __init__(self, base: BaseModel, model_lock: threading.Lock, thread_name: str) -> None:
+    def __init__(self, base: BaseModel, model_lock: threading.Lock, thread_name: str,
+                 threads: int | None = None) -> None:
         self.base = base
+        self.threads = threads or torch.get_num_threads()
         self.model_lock = model_lock
         self.tokenizer = copy.deepcopy(base.tokenizer)
         self._cond = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name=thread_name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -33,6 +43,10 @@ class ModelWorker:
             self._stop = True
             self._cond.notify()
         self._thread.join(timeout=JOIN_TIMEOUT_S)
+
+    def _run(self) -> None:
+        torch.set_num_threads(self.threads)
+        self._loop()
 
     def _loop(self) -> None:
         raise NotImplementedError
