@@ -33,7 +33,7 @@ class ModelWorker:
         self.tokenizer = copy.deepcopy(base.tokenizer)
         self._cond = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+        self._thread = threading.Thread(target=self._thread_main, name=thread_name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -44,7 +44,7 @@ class ModelWorker:
             self._cond.notify()
         self._thread.join(timeout=JOIN_TIMEOUT_S)
 
-    def _run(self) -> None:
+    def _thread_main(self) -> None:
         torch.set_num_threads(self.threads)
         self._loop()
 
