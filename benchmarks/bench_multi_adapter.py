@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import random
 import tempfile
@@ -92,11 +93,12 @@ def make_peft_adapters(base_path: Path, count: int, rank: int, out_dir: Path) ->
     return paths
 
 
-def run_engine(base, prompts, adapters: list[LoadedAdapter | None], concurrency: int, new_tokens: int) -> dict:
+def run_engine(base, prompts, adapters: list[LoadedAdapter | None], concurrency: int, new_tokens: int,
+               threads: int) -> dict:
     """Submit every request at once; the scheduler runs `concurrency` at a time. -> tokens/s and stats."""
     limits = SchedulerLimits(max_running=concurrency, max_waiting=len(prompts) + 1,
                              max_len=len(prompts[0]) + new_tokens + 1, max_adapters_per_batch=concurrency)
-    sched = Scheduler(base, limits, threading.Lock())
+    sched = Scheduler(base, limits, threading.Lock(), threads=threads)
     done = threading.Semaphore(0)
     counts = [0] * len(prompts)
 
@@ -148,6 +150,24 @@ def run_peft_sequential(model, prompts, names: list[str], new_tokens: int) -> di
     return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
 
 
+def peft_worker(conn, base_path: str, paths: list[str], threads: int) -> None:
+    """PEFT (c, d) in a process of its own: two threads with multi-threaded torch in one process slow each
+    other (server/engine/worker.py), so the engine's scheduler thread is the only one in the main process."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, paths[0], adapter_name="adapter-0").eval()
+    for i, path in enumerate(paths[1:], start=1):
+        model.load_adapter(path, adapter_name=f"adapter-{i}")
+    runs = {"batched": run_peft_batched, "sequential": run_peft_sequential}
+    conn.send("ready")
+    while (message := conn.recv()) is not None:
+        kind, args = message
+        conn.send(runs[kind](model, *args))
+
+
 def random_adapters(base, count: int, rank: int, seed: int) -> list[LoadedAdapter]:
     """Adapters built in memory (the sweep needs hundreds; saving each through PEFT would dominate)."""
     from adapters import LoraWeights
@@ -167,7 +187,7 @@ def random_adapters(base, count: int, rank: int, seed: int) -> list[LoadedAdapte
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # the main thread stays single-threaded; the scheduler thread gets args.threads
     backend = Backend(torch.device("cpu"), torch.float32)
     prepared = resolve_base(args.base, Path(args.cache_dir))
     base = load_base(prepared, backend, lora_kernel="stacked", lora_slots=max(32, args.adapters))
@@ -182,17 +202,17 @@ def main() -> None:
         print(f"# {args.base}, fp32 CPU, {args.threads} threads, {args.requests} requests x {args.prompt_tokens} prompt"
               f" + {args.new_tokens} new tokens, {args.concurrency} at a time, {args.adapters} adapters rank {args.rank}"
               f" on {','.join(TARGETS)}", flush=True)
-        run_engine(base, prompts[:args.concurrency], [None] * args.concurrency, args.concurrency, 4)  # warm-up
-        model = None
+        for warm in ([None] * args.concurrency, mixed[:args.concurrency]):  # warm-up, adapters in slots (as PEFT's)
+            run_engine(base, prompts[:args.concurrency], warm, args.concurrency, 4, args.threads)
+        peft = None
         if not args.skip_peft:
-            from peft import PeftModel
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(prepared.path, dtype=torch.float32)
-            model = PeftModel.from_pretrained(model, paths[0], adapter_name="adapter-0").eval()
-            for i, path in enumerate(paths[1:], start=1):
-                model.load_adapter(path, adapter_name=f"adapter-{i}")
-            run_peft_batched(model, prompts[:args.concurrency], names[:args.concurrency], args.concurrency, 4)  # warm-up
+            peft, child = multiprocessing.get_context("spawn").Pipe()
+            process = multiprocessing.get_context("spawn").Process(
+                target=peft_worker, args=(child, str(prepared.path), [str(p) for p in paths], args.threads))
+            process.start()
+            assert peft.recv() == "ready"
+            peft.send(("batched", (prompts[:args.concurrency], names[:args.concurrency], args.concurrency, 4)))
+            peft.recv()  # warm-up
         # Rounds interleave the systems, so a slow spell of this (shared, noisy) machine hits them alike.
         per_round = max(args.concurrency, args.requests // args.rounds // args.concurrency * args.concurrency)
         sequential_per_round = max(1, args.sequential_requests // args.rounds)
@@ -201,13 +221,15 @@ def main() -> None:
             seq = slice(lo, lo + sequential_per_round)
             runs = {
                 "a_engine_base": lambda: run_engine(base, prompts[part], [None] * len(prompts[part]),
-                                                    args.concurrency, args.new_tokens),
-                "b_engine_mixed": lambda: run_engine(base, prompts[part], mixed[part], args.concurrency, args.new_tokens),
+                                                    args.concurrency, args.new_tokens, args.threads),
+                "b_engine_mixed": lambda: run_engine(base, prompts[part], mixed[part], args.concurrency,
+                                                     args.new_tokens, args.threads),
             }
-            if model is not None:
-                runs["c_peft_mixed_batch"] = lambda: run_peft_batched(model, prompts[part], names[part],
-                                                                      args.concurrency, args.new_tokens)
-                runs["d_peft_sequential"] = lambda: run_peft_sequential(model, prompts[seq], names[seq], args.new_tokens)
+            if peft is not None:
+                runs["c_peft_mixed_batch"] = lambda: _ask(peft, "batched", (prompts[part], names[part],
+                                                                             args.concurrency, args.new_tokens))
+                runs["d_peft_sequential"] = lambda: _ask(peft, "sequential", (prompts[seq], names[seq],
+                                                                               args.new_tokens))
             for key, run in runs.items():
                 result = run()
                 total = results.setdefault(key, {"tokens": 0, "seconds": 0.0})
@@ -215,6 +237,9 @@ def main() -> None:
                 total["seconds"] += result["seconds"]
                 total["tokens_per_s"] = total["tokens"] / total["seconds"]
                 print(f"round {lo // per_round + 1}: {key} {result['tokens'] / result['seconds']:.1f} tok/s", flush=True)
+        if peft is not None:
+            peft.send(None)
+            process.join()
         for key, label in (("a_engine_base", "a) engine, base only"),
                            ("b_engine_mixed", f"b) engine, {args.adapters} adapters mixed"),
                            ("c_peft_mixed_batch", "c) PEFT mixed batch (adapter_names=)"),
@@ -230,7 +255,7 @@ def main() -> None:
             chosen = rng.choices(pool, weights=weights, k=args.requests)
             slots = base.active.slots
             before = (slots.loads, slots.evictions)
-            result = run_engine(base, prompts, chosen, args.concurrency, args.new_tokens)
+            result = run_engine(base, prompts, chosen, args.concurrency, args.new_tokens, args.threads)
             result.update(distinct_in_trace=len({id(a) for a in chosen}), device_slots=slots.num_slots,
                           slot_loads=slots.loads - before[0], slot_evictions=slots.evictions - before[1])
             results[f"sweep_{count}"] = result
@@ -242,6 +267,11 @@ def main() -> None:
         summary["b/c"] = round(tps["b_engine_mixed"] / tps["c_peft_mixed_batch"], 3)
         summary["b/d"] = round(tps["b_engine_mixed"] / tps["d_peft_sequential"], 3)
     print(json.dumps(summary))
+
+
+def _ask(conn, kind: str, args: tuple) -> dict:
+    conn.send((kind, args))
+    return conn.recv()
 
 
 if __name__ == "__main__":
