@@ -1,7 +1,8 @@
 """`training METHOD ...` / `training eval ...` / `training export ...`: argparse, one-line errors, exit code 2.
 
 The METHOD flags are generated from TrainConfig's fields (name, type, help), so the config's help text
-is the CLI's help text. Results go to stdout as JSON; progress bars and warnings go to stderr.
+is the CLI's help text; a bool field is a switch (`--gradient-checkpointing` / `--no-gradient-checkpointing`).
+Results go to stdout as JSON; progress bars and warnings go to stderr.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from adapters import AdapterError, BaseNotFoundError
-from training.config import IMPLEMENTED_METHODS, METHODS, TrainConfig
+from training.config import FALSE_WORDS, IMPLEMENTED_METHODS, METHODS, TRUE_WORDS, TrainConfig
 from training.errors import MethodNotImplementedError, TrainingError
 
 USAGE_ERROR = 2  # argparse's own exit code for bad usage; user errors share it
@@ -34,6 +35,16 @@ def _converter(annotation: Any) -> Callable[[str], Any]:
     return annotation if annotation in (int, float, str, Path) else str
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _switch_names() -> tuple[str, ...]:
+    """The bool fields of TrainConfig: each is a `--flag` / `--no-flag` switch."""
+    hints = typing.get_type_hints(TrainConfig)
+    return tuple(f.name for f in dataclasses.fields(TrainConfig) if hints[f.name] is bool)
+
+
 def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for field in dataclasses.fields(TrainConfig):
@@ -43,10 +54,36 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
         help_text = field.metadata.get("help", "")
         if field.default not in (dataclasses.MISSING, None, ()):
             help_text += f" (default: {field.default})"
+        if hints[field.name] is bool:
+            parser.add_argument(_flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+            continue
         parser.add_argument(
-            "--" + field.name.replace("_", "-"), dest=field.name, type=_converter(hints[field.name]),
+            _flag(field.name), dest=field.name, type=_converter(hints[field.name]),
             required=required, default=argparse.SUPPRESS, help=help_text,
         )
+
+
+def switch_values_as_flags(argv: Sequence[str]) -> list[str]:
+    """`--flag true|false` and `--flag=true|false` (how the switches were given before they were switches)
+    -> `--flag` / `--no-flag`, so older command lines keep working. Only a true/false word is read as the
+    flag's value; any other token is left where it is, for argparse to judge."""
+    switches = {_flag(name) for name in _switch_names()}
+    tokens = list(argv)
+    out: list[str] = []
+    i = 0
+    while i < len(tokens):
+        flag, equals, value = tokens[i].partition("=")
+        if flag in switches and not equals and i + 1 < len(tokens):
+            value = tokens[i + 1]
+        word = value.strip().lower()
+        if flag in switches and word in TRUE_WORDS + FALSE_WORDS:
+            out.append(flag if word in TRUE_WORDS else "--no-" + flag[2:])
+            i += 1 if equals else 2
+            continue
+        out.append(tokens[i])
+        i += 1
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,7 +172,7 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad usage or input the user can fix)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(switch_values_as_flags(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         if args.command in NOT_YET_COMMANDS:

@@ -151,7 +151,7 @@ class TrainConfig:
         self._check_method_options()
 
     def _check_mechanics(self) -> None:
-        """The `# mechanics` fields (a flag given as text, e.g. `--gradient-checkpointing true`, becomes a bool)."""
+        """The `# mechanics` fields (a bool given as text, e.g. "true" from a hand-edited manifest, becomes a bool)."""
         object.__setattr__(self, "gradient_checkpointing", _as_bool("gradient_checkpointing", self.gradient_checkpointing))
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("early_stopping_metric", self.early_stopping_metric, WATCHED_METRICS)

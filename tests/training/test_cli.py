@@ -79,3 +79,42 @@ def test_argparse_usage_errors_exit_2(capsys) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["lora", "--base", "b"])
     assert exited.value.code == USAGE_ERROR
+
+
+REQUIRED = ["--base", "b", "--data", "d", "--out", "o"]
+
+
+def _parsed(*flags: str):
+    from training.cli import build_parser, switch_values_as_flags
+
+    return build_parser().parse_args(switch_values_as_flags(["lora", *REQUIRED, *flags]))
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ((), None),  # not given: the TrainConfig default applies
+    (("--gradient-checkpointing",), True),
+    (("--no-gradient-checkpointing",), False),
+    (("--gradient-checkpointing", "true"), True),  # the form before switches still parses
+    (("--gradient-checkpointing", "false"), False),
+    (("--gradient-checkpointing=yes",), True),
+    (("--gradient-checkpointing=0",), False),
+])
+def test_bool_fields_are_switches(flags: tuple[str, ...], expected: bool | None) -> None:
+    args = _parsed(*flags, "--max-steps", "3")
+    assert getattr(args, "gradient_checkpointing", None) is expected and args.max_steps == 3
+
+
+def test_every_bool_field_is_a_switch(capsys) -> None:
+    args = _parsed("--use-rslora", "--no-use-dora", "--gradient-checkpointing", "off")
+    assert (args.use_rslora, args.use_dora, args.gradient_checkpointing) == (True, False, False)
+    with pytest.raises(SystemExit):
+        main(["lora", "--help"])
+    help_text = capsys.readouterr().out
+    for name in ("gradient-checkpointing", "use-rslora", "use-dora"):
+        assert f"--{name}, --no-{name}" in help_text
+
+
+def test_a_switch_with_another_value_is_a_usage_error(capsys) -> None:
+    with pytest.raises(SystemExit) as exited:
+        _parsed("--use-rslora", "maybe")
+    assert exited.value.code == USAGE_ERROR and "unrecognized arguments: maybe" in capsys.readouterr().err

@@ -126,12 +126,12 @@ def test_cli_trains_a_method_with_its_flags(tmp_path: Path, tiny_bert_dir: Path,
 
     rslora = tmp_path / "rslora"
     args = ["lora", "--base", str(tiny_bert_dir), "--data", str(sentiment_csv), "--out", str(rslora), "--use-rslora",
-            "true", "--max-steps", "1", "--batch-size", "4", "--lora-r", "2", "--val-fraction", "0.25", "--no-progress"]
+            "--max-steps", "1", "--batch-size", "4", "--lora-r", "2", "--val-fraction", "0.25", "--no-progress"]
     assert main(args) == 0
     assert json.loads((rslora / "adapter_config.json").read_text())["use_rslora"] is True
 
 
 def test_cli_refuses_an_option_of_another_method(tmp_path: Path, capsys) -> None:
-    assert main(["prompt", "--base", "b", "--data", "d", "--out", str(tmp_path), "--use-dora", "true"]) == USAGE_ERROR
+    assert main(["prompt", "--base", "b", "--data", "d", "--out", str(tmp_path), "--use-dora"]) == USAGE_ERROR
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "training: error: use_dora applies to method lora or qlora, not 'prompt'")
