@@ -2,9 +2,10 @@
 validation curves) and curves.png (training loss per step; validation figures over steps; for classification
 the held-out confusion matrix).
 
-Written after the adapter folder (training.output writes that atomically and owns its files); the manifest
-lists only the adapter's own files, so a report beside them changes no hash. matplotlib's Agg backend draws
-without a display, and is imported here only, when a report is written.
+Written by training.output into the adapter's temporary folder, after the manifest and before the folder is
+renamed into place: the adapter and its report appear together or not at all. The manifest lists only the
+adapter's own files (plain files, not this folder), so the report changes no hash. matplotlib's Agg backend
+draws without a display, and is imported here only, when a report is written.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from adapters import atomic_directory
+from adapters import Manifest
 from training.loop import LoopStats
-from training.output import TrainResult
 
 REPORT_FOLDER = "report"
 METRICS_FILE = "metrics.json"
@@ -26,25 +26,25 @@ PANEL_SIZE = (5.0, 3.6)  # inches per panel
 LOSS_FIGURES = ("loss",)  # drawn on the left axis; other validation figures (accuracy, f1) on the right
 
 
-def report_data(result: TrainResult) -> dict[str, Any]:
+def report_data(manifest: Manifest, stats: LoopStats) -> dict[str, Any]:
     """What metrics.json holds: the manifest's figures plus the per-step curves."""
-    manifest = result.manifest
     config = manifest.train_config
     return {
         "task": config.get("task", manifest.task), "base": manifest.base_name, "data": config.get("data"),
         "method": manifest.method, "labels": list(manifest.labels), "metrics": manifest.metrics,
-        "curves": {"train_loss": [round(x, 6) for x in result.stats.losses],
-                   "validation": [dict(v) for v in result.stats.validations]},
+        "curves": {"train_loss": [round(x, 6) for x in stats.losses],
+                   "validation": [dict(v) for v in stats.validations]},
     }
 
 
-def write_report(result: TrainResult) -> Path:
-    """Write OUT/report/ (replaced atomically) and return its path."""
-    data = report_data(result)
-    with atomic_directory(Path(result.out) / REPORT_FOLDER) as tmp:
-        (tmp / METRICS_FILE).write_text(json.dumps(data, indent=2, sort_keys=True))
-        plot_curves(result.stats, data["metrics"].get("held_out", {}), data["labels"], tmp / PLOT_FILE)
-    return Path(result.out) / REPORT_FOLDER
+def write_report(folder: Path, manifest: Manifest, stats: LoopStats) -> Path:
+    """Write `folder`/report/ (the adapter folder being written, not yet in place) and return its path."""
+    report = Path(folder) / REPORT_FOLDER
+    report.mkdir()
+    data = report_data(manifest, stats)
+    (report / METRICS_FILE).write_text(json.dumps(data, indent=2, sort_keys=True))
+    plot_curves(stats, data["metrics"].get("held_out", {}), data["labels"], report / PLOT_FILE)
+    return report
 
 
 def moving_average(values: list[float] | tuple[float, ...], window: int) -> list[float]:

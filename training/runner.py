@@ -1,5 +1,5 @@
-"""One entry point for every training run: check the method, resolve base, task and data, dispatch, then
-write the report folder and drop the checkpoints the run no longer needs."""
+"""One entry point for every training run: check the method, resolve base, task and data, dispatch (the
+trainer writes the adapter folder with its report), then drop the checkpoints the run no longer needs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from training.errors import MethodNotImplementedError
 from training.models import default_task
 from training.output import TrainResult
 from training.pretrain import train_pretrain
-from training.report import write_report
 from training.sft import train_completion
 
 Trainer = Callable[[TrainConfig, PreparedBase, Split, bool], TrainResult]
@@ -31,8 +30,9 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainResult:
     (and OUT/report/).
 
     Everything the user can get wrong (the data, the resume point) is checked before anything is written, and
-    the adapter folder is replaced atomically: a failed run leaves an earlier adapter and its checkpoints as
-    they were. Raises TrainingError (and subclasses) or adapters.BaseNotFoundError for what the user can fix.
+    the adapter folder (its report included) is replaced atomically: a failed run leaves an earlier adapter
+    and its checkpoints as they were. Raises TrainingError (and subclasses) or adapters.BaseNotFoundError for
+    what the user can fix.
     """
     if config.method not in IMPLEMENTED_METHODS:
         raise MethodNotImplementedError(
@@ -45,7 +45,6 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainResult:
     dataset = load_dataset(config.data, task)
     split = split_dataset(dataset, config.val_fraction, config.split_seed, config.eval_rows)
     result = TRAINERS[task](config, base, split, progress)
-    write_report(result)
     if config.checkpoint_every:
         remove_checkpoints(config.out)
     return result

@@ -83,3 +83,29 @@ def test_a_run_without_validation_still_plots(tmp_path: Path, tiny_bert_dir: Pat
 def test_moving_average() -> None:
     assert moving_average([2.0, 4.0, 6.0, 8.0], 2) == [2.0, 3.0, 5.0, 7.0]
     assert moving_average([], 3) == []
+
+
+def test_the_report_is_part_of_the_atomic_adapter_folder(tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash while the report is written leaves neither a new adapter without its report nor a half report:
+    the adapter folder at OUT (report and all) stays the earlier run's."""
+    import training.report
+
+    out = tmp_path / "runs" / "adapter"
+    first = run_training(tiny_config(tiny_bert_dir, sentiment_csv, out, max_steps=2), progress=False)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert Path(REPORT_FOLDER, METRICS_FILE) in before and Path(REPORT_FOLDER, PLOT_FILE) in before
+
+    def broken_plot(*args, **kwargs) -> None:
+        raise RuntimeError("plotting crashed")
+
+    monkeypatch.setattr(training.report, "plot_curves", broken_plot)
+    with pytest.raises(RuntimeError, match="plotting crashed"):
+        run_training(tiny_config(tiny_bert_dir, sentiment_csv, out, max_steps=2, seed=1), progress=False)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert read_adapter_folder(out).manifest.files == first.manifest.files  # hashes checked, the first run's
+    assert sorted(p.name for p in out.parent.iterdir()) == ["adapter"]  # no temporary folder left behind
+
+    with pytest.raises(RuntimeError, match="plotting crashed"):
+        run_training(tiny_config(tiny_bert_dir, sentiment_csv, tmp_path / "new", max_steps=2), progress=False)
+    assert not (tmp_path / "new").exists()
