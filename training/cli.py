@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_arguments(sub)
         sub.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     evaluate = commands.add_parser("eval", help="print an adapter's held-out figures as JSON")
-    evaluate.add_argument("adapter_dir", type=Path, help="adapter folder (PEFT files, manifest optional)")
+    evaluate.add_argument("adapter_dir", type=Path,
+                          help="a training run's folder, any method (a stock PEFT folder needs --base and --data)")
     evaluate.add_argument("--data", help="data set name or CSV/JSONL path (default: the one it was trained on)")
     evaluate.add_argument("--base", help="base name or path (default: the manifest's base)")
     evaluate.add_argument("--split", choices=("validation", "all"), default="validation",
@@ -117,7 +118,9 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
         "export", help="write a base with one adapter merged in as a merged HF folder or an ONNX model",
         description="Merge an adapter into its base and write an export folder (model, tokenizer, labels, "
                     "export_manifest.json, parity.json). The folder appears only once complete.")
-    export.add_argument("adapter_dir", type=Path, help="adapter folder (PEFT files, manifest optional)")
+    export.add_argument("adapter_dir", type=Path,
+                        help="a training run's folder: lora (DoRA too), qlora, ia3, freeze or full (prompt learning "
+                             "has no weights to merge); a stock PEFT folder needs --base")
     export.add_argument("--format", choices=FORMATS, default="onnx",
                         help="merged: HF folder with the adapter folded in; onnx: one ONNX graph (default)")
     export.add_argument("--out", type=Path, required=True, help="export folder to write (replaced atomically)")

@@ -9,12 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from peft import PeftModel
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def merge(model: PeftModel) -> PreTrainedModel:
-    """The task model with every LoRA delta added to its base weight (and the head kept). Consumes `model`."""
-    return model.merge_and_unload(safe_merge=True).eval()
+def merge(model: nn.Module) -> PreTrainedModel:
+    """The task model with the adapter folded into its weights (and the head kept). Consumes `model`.
+
+    A PEFT model is merged by PEFT (LoRA and DoRA: W + delta; IA3: W scaled by its vector); a freeze or
+    full model (training.trained_folder.task_model) is already a plain HF model with its trained weights.
+    """
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload(safe_merge=True).eval()
+    return model.eval()
 
 
 def save_merged(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, labels: tuple[str, ...], dest: Path) -> None:

@@ -24,11 +24,13 @@ from training.export.onnx_export import export_onnx, package_versions
 from training.export.options import ExportOptions
 from training.export.quantize import quantize_int8
 from training.export.source import ExportSource, load_source
+from training.trained_folder import PEFT_METHODS
 
 log = logging.getLogger(__name__)
 
 STAGE_DIR = ".stage"  # inside the atomic temp folder; removed before it is renamed into place
 REFERENCE = "torch fp32: the base with the adapter applied unmerged (PEFT)"
+PLAIN_REFERENCE = "torch fp32: the {method} folder's model (its trained weights are the model's own; nothing to merge)"
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,10 @@ def export_adapter(options: ExportOptions) -> ExportResult:
     """Write the export `options` asks for; raises TrainingError / AdapterError for what a user can fix."""
     source = load_source(options)
     reference = _run_torch(source, source.model, options)
-    report: dict[str, Any] = {"task": source.task, "reference": REFERENCE, **parity.rows_summary(source.rows)}
+    method = source.folder.method
+    reference_text = REFERENCE if method in PEFT_METHODS else PLAIN_REFERENCE.format(method=method)
+    report: dict[str, Any] = {"task": source.task, "method": method, "reference": reference_text,
+                              **parity.rows_summary(source.rows)}
     if source.task == "classification":
         report["max_length"] = source.max_length
         report["torch"] = parity.accuracy(reference, source.rows.gold)
@@ -68,6 +73,7 @@ def export_adapter(options: ExportOptions) -> ExportResult:
                 os.replace(stage / model_file, tmp / model_file)
                 report["onnx_int8"] = _compare(source, reference, _run_onnx(source, tmp, options))
         shutil.rmtree(stage, ignore_errors=True)
+        settings["adapter_method"] = method
         (tmp / PARITY_FILE).write_text(json.dumps(report, indent=2) + "\n")
         manifest = write_export_manifest(tmp, ExportManifest(
             format=options.format, task=source.task, base_name=source.base.name,

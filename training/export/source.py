@@ -1,5 +1,5 @@
-"""What an export starts from: the adapter on its base (PEFT, unmerged: the torch reference), and the rows
-the parity report is computed on.
+"""What an export starts from: the trained folder on its base (any method but prompt learning; for PEFT
+methods the adapter unmerged: the torch reference), and the rows the parity report is computed on.
 
 Parity rows are the adapter's own held-out rows, rebuilt exactly as `training eval` rebuilds them (the
 manifest's data, val_fraction, split_seed and eval_rows), cut to the first N. A stock PEFT folder without
@@ -12,18 +12,19 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from peft import PeftModel
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from adapters import (AdapterFolder, BaseSignature, PreparedBase, folder_digest, read_adapter_folder, resolve_base,
-                      validate_against_base)
+from adapters import PreparedBase, resolve_base
 from training.config import DEFAULT_MAX_LENGTH, TrainConfig
 from training.data import ClassificationExample, CompletionExample, load_dataset, split_dataset
 from training.errors import ConfigError
 from training.evaluate import relabel
 from training.export.options import ExportOptions
-from training.models import load_causal_lm, load_sequence_classifier, load_tokenizer
+from training.models import load_tokenizer
 from training.sft_data import prompt_ids
+from training.trained_folder import (PROMPT_LEARNING_METHODS, TrainedFolder, load_trained, read_trained_folder,
+                                     task_model)
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,9 @@ PROBE_TEXTS = (
     "Nothing new, but the cast makes it work.", "What a mess.",
 )
 PROBE_PROMPTS = ("What is a computer?", "Tell me about the sea.", "How do I reset my password?", "Who are you?")
+# qlora's LoRA was trained over a 4-bit copy of the base; an export merges it into the full-precision base
+# (as the server serves it), so it is loaded as the LoRA folder it is
+EXPORT_RELOAD_AS = {"qlora": "lora"}
 
 
 @dataclass(frozen=True)
@@ -47,10 +51,10 @@ class ParityRows:
 
 @dataclass
 class ExportSource:
-    folder: AdapterFolder
+    folder: TrainedFolder
     base: PreparedBase
     tokenizer: PreTrainedTokenizerBase
-    model: PeftModel  # base + adapter, unmerged, eval mode: the torch reference
+    model: nn.Module  # the trained model in eval mode, the torch reference: PEFT unmerged, or freeze's / full's HF model
     labels: tuple[str, ...]
     max_length: int  # classification: tokens per text, as training and eval cut them
     rows: ParityRows
@@ -61,29 +65,29 @@ class ExportSource:
 
     @property
     def rank(self) -> int:
-        return max(w.rank for w in self.folder.lora.values())
+        return self.folder.rank
 
     def digest(self) -> str:
-        return folder_digest(self.folder.path)
+        return self.folder.digest()
 
 
 def load_source(options: ExportOptions) -> ExportSource:
-    """Read and validate the adapter, load it on its base with PEFT, and pick the parity rows."""
-    folder = read_adapter_folder(options.adapter_dir)
-    saved = dict(folder.manifest.train_config) if folder.manifest else {}
-    base_ref = options.base or saved.get("base") or (folder.manifest.base_name if folder.manifest else None)
-    if not base_ref:
-        raise ConfigError("this adapter has no manifest naming its base; pass --base")
+    """Read and check the folder, load it on its base, and pick the parity rows."""
+    folder = read_trained_folder(options.adapter_dir)
+    if folder.method in PROMPT_LEARNING_METHODS:
+        raise ConfigError(
+            f"a {folder.method!r} folder cannot be merged into its base: prompt learning puts trained virtual "
+            "tokens (or per-layer prefixes) in front of what the base sees and changes no weight, so there is no "
+            "merged model to export; `training eval` scores the folder, and the server serves prompt, prefix "
+            "and ptuning folders for completion as they are")
+    saved = folder.train_config
+    base_ref = folder.base_ref(options.base)
     base = resolve_base(base_ref, options.cache_dir)
     tokenizer = load_tokenizer(base.path)
     labels: tuple[str, ...] = ()
-    if folder.task == "completion":
-        model = load_causal_lm(base)
-    else:
-        labels = folder.labels or _labels_from_head(folder)
-        model = load_sequence_classifier(base, labels, tokenizer.pad_token_id)
-    validate_against_base(folder, BaseSignature.of(model, base.name, base.fingerprint))
-    peft_model = PeftModel.from_pretrained(model, str(folder.path)).eval()
+    if folder.task == "classification":
+        labels = folder.labels or folder.head_labels()
+    model = task_model(load_trained(folder, base, tokenizer, labels, EXPORT_RELOAD_AS.get(folder.method)))
     data = options.data or saved.get("data")
     config = None
     if data:
@@ -92,18 +96,10 @@ def load_source(options: ExportOptions) -> ExportSource:
     max_length = (config.resolved(folder.task, ()).max_length if config is not None
                   else DEFAULT_MAX_LENGTH[folder.task])
     rows = _parity_rows(folder, config, tokenizer, labels, options)
-    return ExportSource(folder, base, tokenizer, peft_model, labels, max_length, rows)
+    return ExportSource(folder, base, tokenizer, model, labels, max_length, rows)
 
 
-def _labels_from_head(folder: AdapterFolder) -> tuple[str, ...]:
-    for key in ("classifier.weight", "score.weight"):
-        weight = folder.extra.get(key)
-        if weight is not None and weight.dim() == 2:
-            return tuple(f"LABEL_{i}" for i in range(weight.shape[0]))
-    raise ConfigError("classification adapter has no head (classifier.weight or score.weight) to export")
-
-
-def _parity_rows(folder: AdapterFolder, config: TrainConfig | None, tokenizer: PreTrainedTokenizerBase,
+def _parity_rows(folder: TrainedFolder, config: TrainConfig | None, tokenizer: PreTrainedTokenizerBase,
                  labels: tuple[str, ...], options: ExportOptions) -> ParityRows:
     if config is None:
         log.warning("no data set known for this adapter (pass --data): parity is checked on probe rows")
@@ -111,12 +107,13 @@ def _parity_rows(folder: AdapterFolder, config: TrainConfig | None, tokenizer: P
             return ParityRows("probe texts", texts=PROBE_TEXTS[: options.parity_rows])
         return ParityRows("probe prompts", prompts=tuple(
             tuple(_probe_prompt(tokenizer, p)) for p in PROBE_PROMPTS[: options.parity_prompts]))
-    dataset = load_dataset(config.data, folder.task)
-    if folder.task == "classification":
+    task = folder.task
+    dataset = load_dataset(config.data, task)
+    if task == "classification":
         dataset = relabel(dataset, labels)
     held_out = split_dataset(dataset, config.val_fraction, config.split_seed, config.eval_rows).validation
     source = f"held-out rows of {config.data}"
-    if folder.task == "classification":
+    if task == "classification":
         examples: list[ClassificationExample] = list(held_out.examples)[: options.parity_rows]  # type: ignore[assignment]
         return ParityRows(source, texts=tuple(e.text for e in examples), gold=tuple(e.label for e in examples))
     rows: list[CompletionExample] = list(held_out.examples)[: options.parity_prompts]  # type: ignore[assignment]
