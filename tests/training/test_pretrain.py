@@ -91,3 +91,17 @@ def test_pretrain_on_a_bundled_set_with_an_encoder_base_is_refused(tmp_path: Pat
 
     with pytest.raises(ConfigError, match="causal LM"):
         run_training(tiny_config(tiny_bert_dir, "chatterbot:trivia", tmp_path / "x", task="pretrain"), progress=False)
+
+
+def test_export_of_a_pretrain_adapter_on_text_files(pretrain_run: TrainResult, tmp_path: Path) -> None:
+    """Raw text has no prompts: parity decodes from the opening tokens of the held-out documents."""
+    from adapters import read_export_folder
+    from tests.conftest import export_folder
+    from training.export.source import DOCUMENT_PROMPT_TOKENS
+
+    out = export_folder(pretrain_run.out, tmp_path / "pretrain-merged", format="merged", parity_tokens=4)
+    assert read_export_folder(out).task == "completion"
+    report = read_export_folder(out).parity
+    assert report["source"] == (f"opening {DOCUMENT_PROMPT_TOKENS} tokens of held-out documents of "
+                                f"{pretrain_run.manifest.train_config['data']}")
+    assert report["prompts"] == 4 and report["merged_torch"]["greedy_identical"] == "4/4"

@@ -2,8 +2,10 @@
 methods the adapter unmerged: the torch reference), and the rows the parity report is computed on.
 
 Parity rows are the adapter's own held-out rows, rebuilt exactly as `training eval` rebuilds them (the
-manifest's data, val_fraction, split_seed and eval_rows), cut to the first N. A stock PEFT folder without
-a manifest, and no --data, falls back to a few fixed probe texts (no accuracy figure then).
+manifest's data, val_fraction, split_seed and eval_rows), cut to the first N. For a pretrain adapter, whose
+data is raw text, the prompts are the opening tokens of its held-out documents (the export should continue
+a text as the adapter learned to). A stock PEFT folder without a manifest, and no --data, falls back to a
+few fixed probe texts (no accuracy figure then).
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ from transformers import PreTrainedTokenizerBase
 
 from adapters import PreparedBase, resolve_base
 from training.config import DEFAULT_MAX_LENGTH, TrainConfig
-from training.data import ClassificationExample, CompletionExample, load_dataset, split_dataset
+from training.data import ClassificationExample, CompletionExample, TextExample, load_dataset, split_dataset
 from training.errors import ConfigError
 from training.evaluate import relabel
 from training.export.options import ExportOptions
 from training.models import load_tokenizer
 from training.sft_data import prompt_ids
-from training.trained_folder import (PROMPT_LEARNING_METHODS, TrainedFolder, load_trained, read_trained_folder,
-                                     task_model)
+from training.trained_folder import (PRETRAIN, PROMPT_LEARNING_METHODS, TrainedFolder, load_trained,
+                                     read_trained_folder, task_model)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +36,7 @@ PROBE_TEXTS = (
     "Nothing new, but the cast makes it work.", "What a mess.",
 )
 PROBE_PROMPTS = ("What is a computer?", "Tell me about the sea.", "How do I reset my password?", "Who are you?")
+DOCUMENT_PROMPT_TOKENS = 16  # a held-out document's opening tokens: a pretrain adapter's parity prompt
 # qlora's LoRA was trained over a 4-bit copy of the base; an export merges it into the full-precision base
 # (as the server serves it), so it is loaded as the LoRA folder it is
 EXPORT_RELOAD_AS = {"qlora": "lora"}
@@ -92,8 +95,8 @@ def load_source(options: ExportOptions) -> ExportSource:
     config = None
     if data:
         config = TrainConfig.from_manifest(saved, base=base_ref, data=data, out=Path(options.adapter_dir),
-                                           task=folder.task, cache_dir=options.cache_dir)
-    max_length = (config.resolved(folder.task, ()).max_length if config is not None
+                                           task=folder.training_task, cache_dir=options.cache_dir)
+    max_length = (config.resolved(folder.training_task, ()).max_length if config is not None
                   else DEFAULT_MAX_LENGTH[folder.task])
     rows = _parity_rows(folder, config, tokenizer, labels, options)
     return ExportSource(folder, base, tokenizer, model, labels, max_length, rows)
@@ -107,7 +110,7 @@ def _parity_rows(folder: TrainedFolder, config: TrainConfig | None, tokenizer: P
             return ParityRows("probe texts", texts=PROBE_TEXTS[: options.parity_rows])
         return ParityRows("probe prompts", prompts=tuple(
             tuple(_probe_prompt(tokenizer, p)) for p in PROBE_PROMPTS[: options.parity_prompts]))
-    task = folder.task
+    task = folder.training_task
     dataset = load_dataset(config.data, task)
     if task == "classification":
         dataset = relabel(dataset, labels)
@@ -116,8 +119,17 @@ def _parity_rows(folder: TrainedFolder, config: TrainConfig | None, tokenizer: P
     if task == "classification":
         examples: list[ClassificationExample] = list(held_out.examples)[: options.parity_rows]  # type: ignore[assignment]
         return ParityRows(source, texts=tuple(e.text for e in examples), gold=tuple(e.label for e in examples))
+    if task == PRETRAIN:
+        documents: list[TextExample] = list(held_out.examples)[: options.parity_prompts]  # type: ignore[assignment]
+        return ParityRows(f"opening {DOCUMENT_PROMPT_TOKENS} tokens of held-out documents of {config.data}",
+                          prompts=tuple(_document_prompt(tokenizer, d.text) for d in documents))
     rows: list[CompletionExample] = list(held_out.examples)[: options.parity_prompts]  # type: ignore[assignment]
     return ParityRows(source, prompts=tuple(tuple(prompt_ids(tokenizer, e)) for e in rows))
+
+
+def _document_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[int, ...]:
+    """A document's first tokens, encoded as pretraining encoded it (the tokenizer's own BOS, if any)."""
+    return tuple(tokenizer(text, add_special_tokens=True)["input_ids"][:DOCUMENT_PROMPT_TOKENS])
 
 
 def _probe_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
