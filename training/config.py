@@ -107,7 +107,8 @@ class TrainConfig:
     use_rslora: bool = field(default=False, metadata=_help(
         "lora/qlora: rank-stabilised LoRA, the update scaled by alpha / sqrt(r) instead of alpha / r (served)"))
     use_dora: bool = field(default=False, metadata=_help(
-        "lora/qlora: weight-decomposed LoRA (DoRA: a trained magnitude per output); the server refuses DoRA folders"))
+        "lora/qlora: weight-decomposed LoRA (DoRA: a trained magnitude per output); the server refuses DoRA "
+        "folders, `training export` merges them into a merged or ONNX model"))
     qlora_quant_type: str = field(default="nf4", metadata=_help(
         f"qlora: 4-bit format of the frozen base's linear layers (bitsandbytes), one of {', '.join(QUANT_TYPES)}"))
     num_virtual_tokens: int = field(default=20, metadata=_help(
