@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from adapters.dense import TRAINED_WEIGHTS_FILE, DenseWeights, split_dense_state
 from adapters.errors import AdapterFormatError
+from adapters.ia3_spec import IA3Scale, IA3Spec, is_ia3_config, parse_ia3_config, split_ia3_state
 from adapters.manifest import (MANIFEST_FILE, Manifest, check_file_hashes, check_served_method, read_manifest,
                                sha256_file)
 from adapters.prompt_spec import PromptSpec, PromptWeights, is_prompt_config, parse_prompt_config, read_prompt_weights
@@ -46,17 +48,19 @@ class AdapterFolder:
     """A parsed, self-consistent adapter (not yet checked against a base: see adapters.validate)."""
 
     path: Path
-    spec: LoraSpec | PromptSpec
+    spec: LoraSpec | PromptSpec | IA3Spec | None  # None: a freeze folder (no PEFT config)
     manifest: Manifest | None
-    lora: dict[str, LoraWeights]  # module name -> weights (empty for a prompt-learning adapter)
+    lora: dict[str, LoraWeights]  # module name -> weights (empty for a prompt-learning or IA3 adapter)
     extra: dict[str, torch.Tensor]  # modules_to_save params, e.g. "classifier.weight"
     prompt: PromptWeights | None = None  # prompt tuning / prefix tuning / P-tuning v2 (prompt_spec.py)
+    ia3: dict[str, IA3Scale] = field(default_factory=dict)  # module name -> vector (ia3_spec.py)
+    dense: dict[str, DenseWeights] = field(default_factory=dict)  # freeze: module name -> its trained weights
 
     @property
     def task(self) -> str:
         if self.manifest is not None:
             return self.manifest.task
-        return "classification" if self.spec.task_type == "SEQ_CLS" else "completion"
+        return "classification" if self.spec is not None and self.spec.task_type == "SEQ_CLS" else "completion"
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -64,6 +68,8 @@ class AdapterFolder:
 
     def num_parameters(self) -> int:
         tensors = [t for w in self.lora.values() for t in (w.a, w.b)] + list(self.extra.values())
+        tensors += [s.vector for s in self.ia3.values()]
+        tensors += [t for w in self.dense.values() for t in (w.weight, w.bias) if t is not None]
         if self.prompt is not None:
             tensors.append(self.prompt.embeddings)
         return sum(t.numel() for t in tensors)
@@ -74,8 +80,10 @@ def folder_digest(path: str | Path) -> str:
     adapter from memory and re-reads it later checks that it reads the same adapter."""
     folder = Path(path)
     _refuse_unserved_method(folder)
+    manifest = read_manifest(folder)
+    required = (TRAINED_WEIGHTS_FILE,) if manifest is not None and manifest.method == "freeze" else (CONFIG_FILE, WEIGHTS_FILE)
     digest = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE, MANIFEST_FILE):
+    for name in (*required, MANIFEST_FILE):
         file = folder / name
         if not file.is_file():
             if name == MANIFEST_FILE:
@@ -91,6 +99,8 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     if not folder.is_dir():
         raise AdapterFormatError(f"adapter path {str(folder)!r} is not a directory")
     manifest = _refuse_unserved_method(folder)
+    if manifest is not None and manifest.method == "freeze":
+        return _read_freeze_folder(folder, manifest)
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise AdapterFormatError(f"{CONFIG_FILE} is missing in {folder.name!r}")
@@ -110,20 +120,41 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
     if not isinstance(raw_config, dict):
         raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object")
     prompt_spec = parse_prompt_config(raw_config) if is_prompt_config(raw_config) else None
-    spec = prompt_spec or parse_lora_config(raw_config)
+    ia3_spec = parse_ia3_config(raw_config) if is_ia3_config(raw_config) else None
+    spec = prompt_spec or ia3_spec or parse_lora_config(raw_config)
     if manifest is not None:
         check_file_hashes(folder, manifest)
-    try:
-        state = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterFormatError(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from exc
+    state = _load_safetensors(folder, WEIGHTS_FILE)  # every tensor checked: floating, finite
     if prompt_spec is not None:
         prompt = read_prompt_weights(state, prompt_spec)
         return AdapterFolder(path=folder, spec=prompt_spec, manifest=manifest, lora={}, extra={}, prompt=prompt)
+    if ia3_spec is not None:
+        ia3, extra = split_ia3_state(state, PEFT_PREFIX)
+        return AdapterFolder(path=folder, spec=ia3_spec, manifest=manifest, lora={}, extra=extra, ia3=ia3)
     lora, extra = _split_state(state, spec)
     if not lora:
         raise AdapterFormatError(f"{WEIGHTS_FILE} holds no LoRA weights (lora_A / lora_B)")
     return AdapterFolder(path=folder, spec=spec, manifest=manifest, lora=lora, extra=extra)
+
+
+def _read_freeze_folder(folder: Path, manifest: Manifest) -> AdapterFolder:
+    """A `training freeze` folder: its manifest and the trained tensors (dense.py)."""
+    check_file_hashes(folder, manifest)
+    dense, head = split_dense_state(_load_safetensors(folder, TRAINED_WEIGHTS_FILE))
+    return AdapterFolder(path=folder, spec=None, manifest=manifest, lora={}, extra=head, dense=dense)
+
+
+def _load_safetensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
+    path = folder / name
+    if not path.is_file():
+        raise AdapterFormatError(f"{name} is missing in {folder.name!r}")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterFormatError(f"{name} is not a readable safetensors file: {exc}") from exc
+    for key, tensor in state.items():
+        _check_tensor(key, tensor)
+    return state
 
 
 def _refuse_unserved_method(folder: Path) -> Manifest | None:
@@ -140,7 +171,6 @@ def _split_state(state: dict[str, torch.Tensor], spec: LoraSpec) -> tuple[dict[s
     b_parts: dict[str, torch.Tensor] = {}
     extra: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
-        _check_tensor(key, tensor)
         name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         if ".lora_embedding_" in name or ".lora_magnitude_vector" in name:
             raise AdapterFormatError(f"tensor {key!r}: LoRA on embeddings and DoRA are not supported")

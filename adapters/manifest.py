@@ -21,7 +21,7 @@ TASKS = ("completion", "classification")
 # Methods whose folders the server serves: LoRA folders it stacks on its base (a qlora folder is one: its
 # LoRA was trained over a 4-bit copy of the same base, and serving it on the full-precision base is QLoRA's
 # usual use), and prompt-learning folders it applies per request (virtual tokens, per-layer prefixes).
-SERVED_METHODS = ("lora", "qlora", "prompt", "prefix", "ptuning")
+SERVED_METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "ptuning", "freeze")
 COMPLETION_ONLY_METHODS = ("prompt", "prefix", "ptuning")
 _HASH_CHUNK = 1 << 20
 
@@ -58,6 +58,10 @@ class Manifest:
 def check_served_method(manifest: Manifest) -> None:
     """Raise AdapterFormatError if the manifest names a method whose folders are not LoRA folders (prompt
     tuning, IA3, freeze, full, ...): refused by name before their files are read as LoRA."""
+    if manifest.method == "full":
+        raise AdapterFormatError(
+            "method 'full' folders are complete models, not adapters: serve one as the base "
+            "(server serve --base DIR); its classification head is then served under the base's model id")
     if manifest.method not in SERVED_METHODS:
         raise AdapterFormatError(
             f"method {manifest.method!r} adapters are not served yet; served methods: {', '.join(SERVED_METHODS)}"

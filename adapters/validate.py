@@ -63,11 +63,43 @@ def validate_against_base(adapter: AdapterFolder, base: BaseSignature) -> None:
                 f"module {module!r}: adapter shapes lora_A {tuple(weights.a.shape)} / lora_B "
                 f"{tuple(weights.b.shape)} do not fit the base layer (out={out_features}, in={in_features})"
             )
+    _check_ia3(adapter, base)
+    _check_dense(adapter, base)
     for key, tensor in adapter.extra.items():
         if key.endswith(".weight") and tensor.dim() == 2 and tensor.shape[1] != base.hidden_size:
             raise AdapterMismatchError(
                 f"head tensor {key!r} has input size {tensor.shape[1]}, base hidden size is {base.hidden_size}"
             )
+
+
+def _check_ia3(adapter: AdapterFolder, base: BaseSignature) -> None:
+    missing = [m for m in adapter.ia3 if m not in base.linear_shapes]
+    if missing:
+        raise AdapterMismatchError(
+            f"IA3 adapter scales modules this base ({base.name!r}) does not have: {missing[:MAX_REPORTED]}")
+    for module, scale in adapter.ia3.items():
+        out_features, in_features = base.linear_shapes[module]
+        expected = in_features if scale.on_input else out_features
+        if scale.size != expected:
+            side = "input" if scale.on_input else "output"
+            raise AdapterMismatchError(
+                f"module {module!r}: IA3 vector of size {scale.size} on the {side}, but the base layer has "
+                f"{side} size {expected}")
+
+
+def _check_dense(adapter: AdapterFolder, base: BaseSignature) -> None:
+    not_linear = [m for m in adapter.dense if m not in base.linear_shapes]
+    if not_linear:
+        raise AdapterMismatchError(
+            f"freeze folder trained {not_linear[:MAX_REPORTED]}, which {base.name!r} has no linear layer of: the "
+            "server serves freeze folders whose trained modules are linear layers (and the head); train it with "
+            "--freeze-last-k, or name only linear layers in --trainable-modules")
+    for module, weights in adapter.dense.items():
+        shape = base.linear_shapes[module]
+        if tuple(weights.weight.shape) != shape or (weights.bias is not None and weights.bias.shape != (shape[0],)):
+            raise AdapterMismatchError(
+                f"module {module!r}: trained weight {tuple(weights.weight.shape)} does not fit the base layer "
+                f"(out={shape[0]}, in={shape[1]})")
 
 
 def _check_prompt(spec: PromptSpec, base: BaseSignature) -> None:

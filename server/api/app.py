@@ -17,6 +17,7 @@ from server.api.state import AppState
 from server.auth import establish_admin_token
 from server.config import ServerConfig
 from server.engine.backend import choose_backend
+from server.engine.base_head import base_classifier
 from server.engine.base_model import BaseModel, load_base
 from server.engine.classify_batcher import ClassifyBatcher
 from server.engine.scheduler import Scheduler, SchedulerLimits
@@ -57,7 +58,8 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
                                  threads=config.threads or None)
     metrics.registry.register(EngineCollector(lambda: engine_readings(scheduler, base, registry)))
     return AppState(config=config, base=base, registry=registry, metrics=metrics, admin_token=token,
-                    served_name=served, scheduler=scheduler, classifier=classifier)
+                    served_name=served, scheduler=scheduler, classifier=classifier,
+                    base_classifier=base_classifier(base, served))
 
 
 def engine_readings(scheduler: Scheduler | None, base: BaseModel, registry: AdapterRegistry) -> dict[str, float]:

@@ -36,6 +36,7 @@ async def classify(body: ClassifyRequest, request: Request, state: State) -> Cla
 async def _classify(state: AppState, body: ClassifyRequest, texts: list[str], adapter: LoadedAdapter | None,
                     request: Request) -> ClassifyResponse:
     request.state.adapter_label = state.metrics.adapter_label(adapter.name if adapter else None)
+    adapter = adapter or state.base_classifier  # a base that is a trained classifier (a full fine-tune) has a head
     if adapter is None:
         raise ApiError(400, f"the base {body.model!r} has no classification head; name a classification adapter")
     if adapter.task != "classification":

@@ -35,6 +35,7 @@ class AppState:
     served_name: str
     scheduler: Scheduler | OrtGenerator | None  # continuous batching for generation; None on encoder bases
     classifier: ClassifyBatcher | OrtClassifier  # batched classification (any base)
+    base_classifier: LoadedAdapter | None = None  # the base's own head, when the base is a trained classifier
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @property

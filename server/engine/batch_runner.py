@@ -59,7 +59,7 @@ class BatchRunner:
         mask = torch.zeros(visible.shape, dtype=self.base.backend.dtype, device=device)
         mask = mask.masked_fill(~visible, self.mask_value)[:, None]  # [B, 1, S, L]
         embeds = self._prompt_learning(rows)
-        with self.base.adapters_for_rows([r.adapter if r.adapter is not None and r.adapter.lora else None
+        with self.base.adapters_for_rows([r.adapter if r.adapter is not None and r.adapter.in_layers else None
                                           for r in rows]):
             hidden = self.decoder(input_ids, positions, mask, self.cache, embeds)  # [B, S, hidden]
             last = torch.tensor([len(r.tokens) - 1 for r in rows], device=device)

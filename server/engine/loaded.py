@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from adapters import AdapterFolder, AdapterMismatchError, LoraWeights
-
-HEAD_MODULES = ("classifier", "score")  # BERT-style and decoder-style sequence-classification heads
+from adapters.dense import HEAD_MODULES, DenseWeights
+from adapters.ia3_spec import IA3Scale
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,13 @@ class LoadedAdapter:
     # prompt learning (completion only), applied to the request's own row at its prefill:
     virtual_tokens: torch.Tensor | None = None  # prompt tuning: [V, hidden], embeddings before the prompt's
     prefix: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None  # prefix / P-tuning v2: per layer (k, v)
+    ia3: dict[str, IA3Scale] = field(default_factory=dict)  # IA3: per module, a vector on its input or output
+    dense: dict[str, DenseWeights] = field(default_factory=dict)  # freeze: per module, weights in place of the base's
+
+    @property
+    def in_layers(self) -> bool:
+        """Whether the adapter changes the base's linears (LoRA, IA3 or freeze) for its rows."""
+        return bool(self.lora or self.ia3 or self.dense)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -57,6 +64,11 @@ def load_adapter(name: str, version: int, folder: AdapterFolder, device: torch.d
         module: LoraWeights(a=w.a.to(device=device, dtype=dtype), b=w.b.to(device=device, dtype=dtype), scaling=w.scaling)
         for module, w in folder.lora.items()
     }
+    ia3 = {module: IA3Scale(vector=s.vector.to(device=device, dtype=dtype), on_input=s.on_input)
+           for module, s in folder.ia3.items()}
+    dense = {module: DenseWeights(weight=w.weight.to(device=device, dtype=dtype),
+                                  bias=None if w.bias is None else w.bias.to(device=device, dtype=dtype))
+             for module, w in folder.dense.items()}
     head = _head(folder, device, dtype) if folder.task == "classification" else None
     ranks = {w.rank for w in lora.values()}
     virtual_tokens, prefix = None, None
@@ -68,7 +80,7 @@ def load_adapter(name: str, version: int, folder: AdapterFolder, device: torch.d
     return LoadedAdapter(
         name=name, version=version, task=folder.task, source=folder.path, rank=max(ranks, default=0), lora=lora,
         head=head, metadata={"metrics": folder.manifest.metrics if folder.manifest else {}}, pinned=pinned,
-        virtual_tokens=virtual_tokens, prefix=prefix,
+        virtual_tokens=virtual_tokens, prefix=prefix, ia3=ia3, dense=dense,
     )
 
 

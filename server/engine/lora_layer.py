@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from server.engine.backend import LinearFn, PackFn, no_pack
+from server.engine.dense_rows import DenseRows
+from server.engine.ia3_rows import IA3Rows
 from server.engine.loaded import LoadedAdapter
 from server.engine.lora_rows import RowWeights
 from server.engine.lora_slots import LoraSlots
@@ -30,10 +32,14 @@ class ActiveAdapters:
     rows' blocks zeroed: each adapter read once, for batches where many rows share few adapters).
     Stacked prefill steps (compute-bound) run each run of consecutive rows sharing an adapter on views
     of x and out: two matmuls per run, no gather, no scatter.
+    IA3 rows (ia3_rows.py) rescale the input or output of their adapter's modules, and freeze rows
+    (dense_rows.py) take their adapter's trained weights in place of the base's, with either kernel.
     """
 
     def __init__(self, slots: LoraSlots | None = None) -> None:
         self.slots = slots
+        self.ia3 = IA3Rows()
+        self.dense = DenseRows()
         self.row_weights = RowWeights(slots) if slots is not None else None
         self.per_row = False  # stacked decode: per-row kernel (True) or masked (False) for this batch
         self.groups: list[tuple[LoadedAdapter, torch.Tensor | None]] = []  # loop kernel
@@ -49,9 +55,12 @@ class ActiveAdapters:
 
     def set_rows(self, rows: list[LoadedAdapter | None], device: torch.device) -> None:
         """rows[i] is the adapter of batch row i (None: base only)."""
+        self.ia3.set_rows(rows, device)
+        self.dense.set_rows(rows, device)
+        rows = [a if a is not None and a.lora else None for a in rows]  # the LoRA kernels' rows
         distinct = {id(a): a for a in rows if a is not None}
         if not distinct:
-            self.clear()
+            self._clear_lora()
             return
         if self.slots is not None:
             self._set_stacked(rows, list(distinct.values()), device)
@@ -109,6 +118,11 @@ class ActiveAdapters:
         return self._views[name]
 
     def clear(self) -> None:
+        self.ia3.clear()
+        self.dense.clear()
+        self._clear_lora()
+
+    def _clear_lora(self) -> None:
         self.groups = []
         self.runs = []
         self.row_mask = None
@@ -167,7 +181,8 @@ def _runs(rows: list[LoadedAdapter | None]) -> list[tuple[LoadedAdapter, int, in
 
 
 class LoraLinear(nn.Module):
-    """y = base(x) + scaling * B(A(x)) for the rows whose adapter targets this module.
+    """y = base(x) + scaling * B(A(x)) for the rows whose LoRA adapter targets this module; rows of an IA3
+    adapter get base(x * l) or base(x) * l instead, rows of a freeze adapter that trained it x @ W_trained.T + b.
 
     The base matmul goes through `linear` (the backend's kernel, see backend.py) on `pack(weight)`, the
     weight in the layout that kernel reads fastest. The plain weight stays `base.weight` (tied
@@ -193,7 +208,11 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, in] -> [B, S, out]
-        return self.active.apply(self.name, x, self.linear(x, self.kernel_weight, self.base.bias))
+        ia3 = self.active.ia3
+        x = ia3.scale_input(self.name, x)
+        out = ia3.scale_output(self.name, self.linear(x, self.kernel_weight, self.base.bias))
+        out = self.active.dense.replace(self.name, x, out, self.base.bias)
+        return self.active.apply(self.name, x, out)
 
 
 def wrap_linears(model: nn.Module, active: ActiveAdapters, linear: LinearFn = F.linear,

@@ -4,6 +4,8 @@ With one hot adapter, a merged base runs at base-only speed (no LoRA matmuls at 
 runs only requests of the merged adapter while any are running, and swaps (unmerge the old, merge the
 new) when the batch has drained and the next request wants another adapter. With several hot adapters
 this loses to the mixed batch (S-LoRA's measurement): it is a mode, not the default.
+LoRA deltas are subtracted again on a swap; IA3 and freeze layers get back a copy of their weights
+taken before the merge (dividing a vector out is not exact; a freeze adapter replaces weights).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 
 import torch
 
-from adapters.merge import merge_into, unmerge_from
+from adapters.merge import ia3_merge_into, merge_into, unmerge_from
 from server.engine.base_model import BaseModel
 from server.engine.loaded import LoadedAdapter
 
@@ -24,6 +26,7 @@ class Merger:
         self.base = base
         self.merged: LoadedAdapter | None = None
         self.swaps = 0
+        self._saved: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # IA3 / freeze layers' weights, bias
 
     @torch.inference_mode()
     def switch_to(self, adapter: LoadedAdapter | None) -> None:
@@ -31,15 +34,45 @@ class Merger:
         if adapter is self.merged:
             return
         if self.merged is not None:
-            self._apply(self.merged, unmerge_from)
+            self._unmerge(self.merged)
         if adapter is not None:
-            self._apply(adapter, merge_into)
+            self._merge(adapter)
         log.info("merged adapter: %s -> %s", getattr(self.merged, "name", None), getattr(adapter, "name", None))
         self.merged = adapter
         self.swaps += 1
 
-    def _apply(self, adapter: LoadedAdapter, op) -> None:
+    def _merge(self, adapter: LoadedAdapter) -> None:
         for module, weights in adapter.lora.items():
             layer = self.base.model.get_submodule(module)
-            op(layer.base.weight, weights)
+            merge_into(layer.base.weight, weights)
             layer.repack()
+        for module, scale in adapter.ia3.items():
+            layer = self._save(module)
+            ia3_merge_into(layer.base.weight, layer.base.bias, scale)
+            layer.repack()
+        for module, weights in adapter.dense.items():
+            layer = self._save(module)
+            layer.base.weight.copy_(weights.weight)
+            if weights.bias is not None:
+                layer.base.bias.copy_(weights.bias)
+            layer.repack()
+
+    def _save(self, module: str):
+        """The wrapped layer, after keeping a copy of its weight and bias for the unmerge."""
+        layer = self.base.model.get_submodule(module)
+        bias = layer.base.bias
+        self._saved[module] = (layer.base.weight.clone(), None if bias is None else bias.clone())
+        return layer
+
+    def _unmerge(self, adapter: LoadedAdapter) -> None:
+        for module, weights in adapter.lora.items():
+            layer = self.base.model.get_submodule(module)
+            unmerge_from(layer.base.weight, weights)
+            layer.repack()
+        for module, (weight, bias) in self._saved.items():
+            layer = self.base.model.get_submodule(module)
+            layer.base.weight.copy_(weight)
+            if bias is not None:
+                layer.base.bias.copy_(bias)
+            layer.repack()
+        self._saved = {}

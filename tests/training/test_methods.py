@@ -141,6 +141,7 @@ def test_freeze_changes_only_the_last_mlps_and_the_head(tmp_path: Path, tiny_ber
     last = "bert.encoder.layer.1."
     assert changed and all(n.startswith((last + "intermediate.", last + "output.", "classifier.")) for n in changed)
     assert any(n.startswith(last + "intermediate.") for n in changed) and "classifier.weight" in changed
+    assert not any("LayerNorm" in n for n in changed)  # the MLPs' linear layers: what the server can serve
 
 
 def test_freeze_named_modules(tmp_path: Path, tiny_llama_dir: Path) -> None:

@@ -1,6 +1,7 @@
-"""Every method end to end (`training METHOD` on the tiny BERT): the folder's manifest names the method, the
-server's reader serves LoRA and QLoRA folders (prompt-learning ones for completion only) and refuses the others by name, with a 400 from add-adapter;
-the method options' validation and their CLI flags."""
+"""Every method end to end (`training METHOD` on the tiny BERT): the folder's manifest names the method; the
+server serves LoRA, QLoRA, IA3 and freeze classifiers with the probabilities the training side's own reload of
+the folder computes, refuses prompt-learning classifiers (completion only) and full fine-tunes (a base, not an
+adapter) by name with a 400 from add-adapter; the method options' validation and their CLI flags."""
 
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def test_trainable_parameter_counts_follow_the_method(runs: dict[str, TrainResul
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_the_server_reader_serves_lora_folders_and_refuses_the_rest(method: str, runs: dict[str, TrainResult]) -> None:
+def test_the_server_reader_serves_every_method_but_full_and_completion_only_ones(
+        method: str, runs: dict[str, TrainResult]) -> None:
     if method in SERVED_METHODS and method not in COMPLETION_ONLY_METHODS:
         assert read_adapter_folder(runs[method].out).manifest.method == method
         return
@@ -61,11 +63,51 @@ def test_the_server_reader_serves_lora_folders_and_refuses_the_rest(method: str,
         assert str(refused.value) == (f"method {method!r} adapters are served for completion only; "
                                       "this one is for classification")
     else:
-        assert str(refused.value) == (f"method {method!r} adapters are not served yet; served methods: "
-                                      "lora, qlora, prompt, prefix, ptuning")
+        assert method == "full" and "complete models, not adapters: serve one as the base" in str(refused.value)
 
 
-def test_add_adapter_answers_400_for_a_method_it_does_not_serve(
+EXACT_METHODS = ("lora", "ia3", "freeze")  # qlora trained on a 4-bit base; the server runs the full-precision one
+
+
+def test_served_classifiers_equal_the_training_sides_reload_of_their_folder(
+        tiny_bert_dir: Path, runs: dict[str, TrainResult]) -> None:
+    """One mixed batch (a row per method) through the server's engine vs `reload_trained` (training's own
+    reading of each folder onto a fresh HF model): the same probabilities."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from adapters import PreparedBase, validate_against_base
+    from adapters.fingerprint import fingerprint_base_folder
+    from server.engine.base_model import load_base
+    from server.engine.classify import classify_rows
+    from server.engine.loaded import load_adapter
+    from tests.server.conftest import CPU_FP32
+    from training.methods import reload_trained
+
+    base = load_base(PreparedBase(tiny_bert_dir.name, tiny_bert_dir, fingerprint_base_folder(tiny_bert_dir)), CPU_FP32)
+    loaded = []
+    for method in EXACT_METHODS:
+        folder = read_adapter_folder(runs[method].out)
+        validate_against_base(folder, base.signature)
+        loaded.append(load_adapter(method, 1, folder, CPU_FP32.device, CPU_FP32.dtype))
+    texts = ["a warm and funny film", "dull, slow and far too long", "not bad at all"]
+    rows = [loaded[i % len(loaded)] for i in range(len(texts) * len(loaded))]
+    inputs = [texts[i // len(loaded)] for i in range(len(rows))]
+    served = classify_rows(base, inputs, rows, max_length=32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    for method in EXACT_METHODS:
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=2)
+        reference = reload_trained(model, method, runs[method].out)
+        for text, adapter, result in zip(inputs, rows, served):
+            if adapter.name != method:
+                continue
+            with torch.no_grad():
+                probs = torch.softmax(reference(**tokenizer([text], return_tensors="pt")).logits[0], dim=-1)
+            torch.testing.assert_close(torch.tensor([result.probs[label] for label in ("neg", "pos")]), probs,
+                                       atol=1e-5, rtol=1e-4)
+
+
+def test_add_adapter_serves_ia3_and_freeze_and_answers_400_for_full(
     tmp_path: Path, tiny_bert_dir: Path, runs: dict[str, TrainResult]
 ) -> None:
     from adapters.fingerprint import fingerprint_base_folder
@@ -79,16 +121,18 @@ def test_add_adapter_answers_400_for_a_method_it_does_not_serve(
     config = ServerConfig(base=str(tiny_bert_dir), served_name="tiny-bert", state_dir=tmp_path / "state",
                           admin_token="test-token")
     with TestClient(create_app(config, base=base)) as client:
-        for method in ("ia3", "freeze", "full"):
+        for method in ("prompt", "full"):
             answer = client.post("/v1/load_lora_adapter", headers=ADMIN,
                                  json={"lora_name": method, "lora_path": str(runs[method].out)})
             assert answer.status_code == 400, answer.text
-            assert f"method {method!r} adapters are not served yet" in answer.text
-        served = client.post("/v1/load_lora_adapter", headers=ADMIN,
-                             json={"lora_name": "q", "lora_path": str(runs["qlora"].out)})
-        assert served.status_code == 200, served.text
-        classified = client.post("/v1/classify", json={"model": "q", "input": "great film, loved it"})
-        assert classified.status_code == 200 and classified.json()["data"][0]["label"] in ("neg", "pos")
+            assert f"method {method!r}" in answer.text
+        for method in ("qlora", "ia3", "freeze"):
+            served = client.post("/v1/load_lora_adapter", headers=ADMIN,
+                                 json={"lora_name": method, "lora_path": str(runs[method].out)})
+            assert served.status_code == 200, served.text
+            classified = client.post("/v1/classify", json={"model": method, "input": ["great film, loved it", "awful"]})
+            assert classified.status_code == 200, classified.text
+            assert all(item["label"] in ("neg", "pos") for item in classified.json()["data"])
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -135,3 +179,37 @@ def test_cli_refuses_an_option_of_another_method(tmp_path: Path, capsys) -> None
     assert main(["prompt", "--base", "b", "--data", "d", "--out", str(tmp_path), "--use-dora"]) == USAGE_ERROR
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "training: error: use_dora applies to method lora or qlora, not 'prompt'")
+
+
+def test_a_full_fine_tune_serves_as_the_base_and_classifies_under_its_id(
+        tmp_path: Path, runs: dict[str, TrainResult]) -> None:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from server.api.app import create_app
+    from server.config import ServerConfig
+
+    folder = runs["full"].out
+    config = ServerConfig(base=str(folder), served_name="tuned", state_dir=tmp_path / "state", admin_token="test-token",
+                          device="cpu", dtype="float32")
+    texts = ["a warm and funny film", "dull, slow and far too long"]
+    with TestClient(create_app(config)) as client:
+        answer = client.post("/v1/classify", json={"model": "tuned", "input": texts})
+    assert answer.status_code == 200, answer.text
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        expected = torch.softmax(model(**AutoTokenizer.from_pretrained(folder)(texts, padding=True,
+                                                                            return_tensors="pt")).logits, dim=-1)
+    served = torch.tensor([[item["probs"][label] for label in ("neg", "pos")] for item in answer.json()["data"]])
+    torch.testing.assert_close(served, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_plain_base_still_has_no_head(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    from server.api.app import create_app
+    from server.config import ServerConfig
+
+    config = ServerConfig(base=str(tiny_bert_dir), served_name="plain", state_dir=tmp_path / "state",
+                          admin_token="test-token", device="cpu", dtype="float32")
+    with TestClient(create_app(config)) as client:
+        answer = client.post("/v1/classify", json={"model": "plain", "input": "fine"})
+    assert answer.status_code == 400 and "has no classification head" in answer.text

@@ -1,8 +1,9 @@
 """Freeze and full fine-tuning: the base model's own weights train, no PEFT wrapper.
 
-- `freeze` trains the MLPs of the last `freeze_last_k` transformer blocks (BERT: a block's `intermediate`
-  and `output`, the latter with its LayerNorm; Llama: `mlp`), or the modules named in `trainable_modules`
-  (a full name or a dotted suffix), plus, for classification, the new head.
+- `freeze` trains the linear layers of the MLPs of the last `freeze_last_k` transformer blocks (BERT: the
+  dense layers of a block's `intermediate` and `output`, not the LayerNorm after them; Llama: `mlp`'s
+  gate, up and down projections), or the modules named in `trainable_modules` (a full name or a dotted
+  suffix; every parameter under them), plus, for classification, the new head.
 - `full` trains every weight.
 
 What they write (decided here, stated by the manifest's `method`):
@@ -11,7 +12,9 @@ What they write (decided here, stated by the manifest's `method`):
   (the last two MiniLM MLPs: 2.4 M values) and is applied to a fresh base with `load_state_dict`.
 - full: a complete Hugging Face model folder (config.json, model.safetensors, the base's tokenizer), loadable
   by `AutoModelFor...from_pretrained(folder)` alone.
-Neither is an adapter the server can stack on its base yet; it refuses both by their method.
+The server serves a freeze folder per request (adapters/dense.py: its rows take the trained linears'
+weights; a folder that trained anything but linear layers and the head is refused by name), and a full
+folder as its base (`server serve --base DIR`, the trained head then classifies under the base's id).
 
 `PlainFineTune` gives the tasks what PEFT's wrapper gives them: a `disable_adapter()` context in which the
 model computes with the base's weights again (the "before" figures), by swapping tensors, not copying them.
@@ -28,13 +31,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel
 
+from adapters.dense import HEAD_MODULES, TRAINED_WEIGHTS_FILE
 from training.config import DEFAULT_FREEZE_LAST_K, TrainConfig
 from training.errors import ConfigError
 from training.methods.peft_io import matches
 
-TRAINED_WEIGHTS_FILE = "trained_weights.safetensors"
 MLP_CHILD_NAMES = ("mlp", "intermediate", "output", "feed_forward", "ffn")  # a block's feed-forward parts
-HEAD_NAMES = ("classifier", "score")  # sequence-classification heads (PEFT's SEQ_CLS modules_to_save)
 FULL_MODEL_WEIGHTS = "model.safetensors"
 
 
@@ -79,7 +81,7 @@ class PlainFineTune(nn.Module):
 def _head_parameters(model: nn.Module, task: str) -> set[str]:
     if task != "classification":
         return set()
-    return {name for name, _ in model.named_parameters() if name.split(".", 1)[0] in HEAD_NAMES}
+    return {name for name, _ in model.named_parameters() if name.split(".", 1)[0] in HEAD_MODULES}
 
 
 def _blocks(model: PreTrainedModel) -> nn.ModuleList:
@@ -112,7 +114,8 @@ def freeze_selection(model: PreTrainedModel, config: TrainConfig, task: str) -> 
             parts = [child for child in MLP_CHILD_NAMES if hasattr(block, child)]
             if not parts:
                 raise ConfigError("freeze cannot find the MLP of this base's blocks; pass --trainable-modules")
-            prefixes += [f"{block_names[id(block)]}.{child}" for child in parts]
+            prefixes += [f"{name}" for part in parts for name, module in modules.items()
+                         if name.startswith(f"{block_names[id(block)]}.{part}.") and isinstance(module, nn.Linear)]
     selected = {name for name, _ in model.named_parameters() if any(name.startswith(p + ".") for p in prefixes)}
     return selected | _head_parameters(model, task)
 

@@ -1,0 +1,51 @@
+"""A base that is itself a trained classifier (`training full` on a classification task) classifies under
+the base's own model id, with the head saved in its folder.
+
+The folder's manifest says so (task classification, its labels); the head's tensors are read from the
+folder's safetensors files by name (`classifier.*` for BERT-style, `score.*` for decoder-style models),
+whichever model class the server loaded the backbone with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from adapters import read_manifest
+from adapters.dense import HEAD_MODULES
+from server.engine.base_model import BaseModel
+from server.engine.loaded import ClassificationHead, LoadedAdapter
+
+
+def base_classifier(base: BaseModel, served_name: str) -> LoadedAdapter | None:
+    """The base's own classifier, or None when its folder is not a trained classifier."""
+    folder = Path(base.prepared.path)
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.task != "classification":
+        return None
+    tensors = _head_tensors(folder)
+    for module in HEAD_MODULES:
+        weight = tensors.get(f"{module}.weight")
+        if weight is None or weight.dim() != 2:
+            continue
+        bias = tensors.get(f"{module}.bias")
+        labels = manifest.labels if len(manifest.labels) == weight.shape[0] else tuple(
+            f"LABEL_{i}" for i in range(weight.shape[0]))
+        device, dtype = base.backend.device, base.backend.dtype
+        head = ClassificationHead(weight=weight.to(device=device, dtype=dtype),
+                                  bias=None if bias is None else bias.to(device=device, dtype=dtype), labels=labels)
+        return LoadedAdapter(name=served_name, version=0, task="classification", source=folder, rank=0, lora={},
+                             head=head, metadata={"metrics": manifest.metrics}, pinned=True)
+    return None
+
+
+def _head_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as reader:
+            for key in reader.keys():
+                if key.split(".", 1)[0] in HEAD_MODULES:
+                    found[key] = reader.get_tensor(key)
+    return found
