@@ -66,7 +66,8 @@ def parse_lora_config(raw: Mapping[str, Any]) -> LoraSpec:
             f"peft_type {peft_type!r} is not served yet; supported: {', '.join(SUPPORTED_PEFT_TYPES)}"
         )
     refused = {
-        "use_dora": "DoRA adapters are not served yet; merge the adapter first",
+        "use_dora": ("DoRA adapters are not served per request; merge one into its base (training export ADAPTER_DIR "
+                     "--format merged --out DIR) and serve that as the base (server serve --base DIR)"),
         "layer_replication": "layer_replication is not supported",
         "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
     }

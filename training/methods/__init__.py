@@ -11,14 +11,14 @@ result into a folder and how to read that folder back onto a fresh base.
 | `prompt`  | `num_virtual_tokens` input embeddings (prompt tuning)    | PEFT PROMPT_TUNING                            |
 | `prefix`  | key/value prefixes on every layer, made by an MLP        | PEFT PREFIX_TUNING (the MLP's output saved)   |
 | `ptuning` | key/value prefixes on every layer, trained directly      | PEFT PREFIX_TUNING                            |
-| `ia3`     | one scaling vector per target linear (IA3)               | PEFT IA3                                      |
-| `freeze`  | the last k blocks' MLPs, or named modules                | the trained tensors only (`plain.py`)         |
-| `full`    | every weight                                             | a complete HF model folder (`plain.py`)       |
+| `ia3`     | one scaling vector per target linear (IA3)               | PEFT IA3 (served)                             |
+| `freeze`  | the last k blocks' MLPs' linears, or named modules       | the trained tensors only (`plain.py`; served) |
+| `full`    | every weight                                             | a complete HF model folder (served as a base) |
 
 For classification every method also trains the new head (PEFT's modules_to_save, or the head's own
-weights for freeze / full). The server serves `adapters.SERVED_METHODS` (LoRA folders in mixed batches;
-prompt, prefix and P-tuning v2 folders per request for completion, in the same batches) and refuses the
-others by the method its manifest names, with a 400.
+weights for freeze / full). The server serves `adapters.SERVED_METHODS` per request in mixed batches (LoRA,
+IA3 and freeze folders for both tasks; prompt, prefix and P-tuning v2 folders for completion) and a full
+fine-tune as its base (`server serve --base DIR`); add-adapter of a full folder is a 400 that says so.
 """
 
 from __future__ import annotations
