@@ -1,8 +1,8 @@
-"""A base that is itself a trained classifier (`training full` on a classification task) classifies under
-the base's own model id, with the head saved in its folder.
+"""A base that is itself a trained classifier (`training full` on a classification task, or a merged export
+of a classification adapter) classifies under the base's own model id, with the head saved in its folder.
 
-The folder's manifest says so (task classification, its labels); the head's tensors are read from the
-folder's safetensors files by name (`classifier.*` for BERT-style, `score.*` for decoder-style models),
+The folder's manifest (or export manifest) says so: task classification, its labels; the head's tensors
+are read from the folder's safetensors files by name (`classifier.*` for BERT-style, `score.*` for decoder-style models),
 whichever model class the server loaded the backbone with.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from adapters import read_manifest
+from adapters import is_export_folder, read_export_folder, read_manifest
 from adapters.dense import HEAD_MODULES
 from server.engine.base_model import BaseModel
 from server.engine.loaded import ClassificationHead, LoadedAdapter
@@ -22,7 +22,7 @@ from server.engine.loaded import ClassificationHead, LoadedAdapter
 def base_classifier(base: BaseModel, served_name: str) -> LoadedAdapter | None:
     """The base's own classifier, or None when its folder is not a trained classifier."""
     folder = Path(base.prepared.path)
-    manifest = read_manifest(folder)
+    manifest = read_export_folder(folder, check_files=False) if is_export_folder(folder) else read_manifest(folder)
     if manifest is None or manifest.task != "classification":
         return None
     tensors = _head_tensors(folder)
@@ -37,7 +37,7 @@ def base_classifier(base: BaseModel, served_name: str) -> LoadedAdapter | None:
         head = ClassificationHead(weight=weight.to(device=device, dtype=dtype),
                                   bias=None if bias is None else bias.to(device=device, dtype=dtype), labels=labels)
         return LoadedAdapter(name=served_name, version=0, task="classification", source=folder, rank=0, lora={},
-                             head=head, metadata={"metrics": manifest.metrics}, pinned=True)
+                             head=head, metadata={"metrics": getattr(manifest, "metrics", {})}, pinned=True)
     return None
 
 
