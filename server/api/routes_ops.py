@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -26,8 +28,15 @@ async def list_models(state: State) -> ModelList:
 
 
 @router.get("/health")
-async def health() -> dict:
-    return {"status": "ok"}
+async def health(request: Request) -> Response:
+    """200 while the model's worker threads run; 503 naming the one that died (a supervisor restarts us)."""
+    state = getattr(request.app.state, "loraplex", None)
+    for worker in (getattr(state, "scheduler", None), getattr(state, "classifier", None)):
+        failure = getattr(worker, "failure", None)
+        if failure is not None or (worker is not None and not getattr(worker, "alive", True)):
+            body = json.dumps({"status": "unhealthy", "reason": f"worker thread died: {failure or 'unknown'}"})
+            return Response(body, status_code=503, media_type="application/json")
+    return Response('{"status": "ok"}', media_type="application/json")
 
 
 @router.get("/ready")

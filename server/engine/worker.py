@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 
 import torch
@@ -10,6 +11,8 @@ import torch
 from server.engine.base_model import BaseModel
 
 JOIN_TIMEOUT_S = 30
+
+log = logging.getLogger(__name__)
 
 
 class ModelWorker:
@@ -23,6 +26,10 @@ class ModelWorker:
     worker thread's forwards ran about 1.5x slower (small batched matmuls 4-10x) once another thread had
     run a multi-threaded op, so `server serve` loads the model with 1 thread in the main thread and
     leaves the cores to the worker (cli.py).
+
+    Work items fail on their own (the loops catch per batch); should the loop itself ever raise, the
+    thread logs it and `failure` says why, which /health reports as 503 so that a supervisor restarts
+    the server instead of it queueing requests nobody will run.
     """
 
     def __init__(self, base: BaseModel, model_lock: threading.Lock, thread_name: str,
@@ -33,6 +40,7 @@ class ModelWorker:
         self.tokenizer = copy.deepcopy(base.tokenizer)
         self._cond = threading.Condition()
         self._stop = False
+        self.failure: str | None = None  # why the thread died, if it did
         self._thread = threading.Thread(target=self._thread_main, name=thread_name, daemon=True)
 
     def start(self) -> None:
@@ -44,9 +52,18 @@ class ModelWorker:
             self._cond.notify()
         self._thread.join(timeout=JOIN_TIMEOUT_S)
 
+    @property
+    def alive(self) -> bool:
+        """False once the thread has died (stopping on purpose is not dying)."""
+        return self.failure is None and (self._thread.is_alive() or self._stop or not self._thread.ident)
+
     def _thread_main(self) -> None:
-        torch.set_num_threads(self.threads)
-        self._loop()
+        try:
+            torch.set_num_threads(self.threads)
+            self._loop()
+        except BaseException as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.exception("%s thread died", self._thread.name)
 
     def _loop(self) -> None:
         raise NotImplementedError
