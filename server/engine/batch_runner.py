@@ -52,7 +52,8 @@ class BatchRunner:
         input_ids = torch.tensor([r.tokens + [pad] * (query_len - len(r.tokens)) for r in rows], device=device)
         starts = torch.tensor([r.start for r in rows], device=device)
         slots = torch.tensor([r.slot for r in rows], device=device)
-        kv_len = self.cache.bind(slots, starts, query_len)
+        lengths = torch.tensor([len(r.tokens) for r in rows], device=device)
+        kv_len = self.cache.bind(slots, starts, query_len, lengths)
         positions = starts[:, None] + torch.arange(query_len, device=device)  # [B, S]
         keys = torch.arange(kv_len, device=device)
         visible = keys[None, None, :] <= positions[:, :, None]  # [B, S, L]

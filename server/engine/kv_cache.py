@@ -2,6 +2,9 @@
 
 Each running request owns one slot. HF's attention modules call `update(k, v, layer_idx)` (the Cache
 protocol); before every forward the runner `bind`s which slot and start position each batch row uses.
+Rows shorter than the step's longest are right-padded; their padding is written to one scratch slot past
+the real ones (never read), so a row that starts late (after a prefix adapter's positions) and is padded
+to a long neighbour's length never runs past the end of its own slot.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import torch
 class SlotKVCache:
     def __init__(self, num_layers: int, num_slots: int, kv_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_slots, kv_heads, max_len, head_dim)
+        shape = (num_slots + 1, kv_heads, max_len, head_dim)  # + the scratch slot for padding
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots = num_slots
         self.max_len = max_len
         self._slots: torch.Tensor | None = None
+        self._write_slots: torch.Tensor | None = None
         self._write_pos: torch.Tensor | None = None
         self._kv_len = 0
         self._contiguous = False
@@ -26,12 +30,22 @@ class SlotKVCache:
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def bind(self, slots: torch.Tensor, starts: torch.Tensor, query_len: int) -> int:
-        """slots, starts: [B]. Row b writes positions starts[b] .. starts[b]+query_len-1 of slot slots[b].
-        Returns the key length L every row attends over (max end position)."""
+    def bind(self, slots: torch.Tensor, starts: torch.Tensor, query_len: int,
+             lengths: torch.Tensor | None = None) -> int:
+        """slots, starts, lengths: [B]. Row b writes its `lengths[b]` new tokens (default: all `query_len`) at
+        positions starts[b] .. of slot slots[b], its padding to the scratch slot.
+        Returns the key length L every row attends over (the furthest real end position)."""
         self._slots = slots
-        self._write_pos = starts[:, None] + torch.arange(query_len, device=starts.device)  # [B, S]
-        self._kv_len = int((starts.max() + query_len).item())
+        steps = torch.arange(query_len, device=starts.device)
+        positions = starts[:, None] + steps  # [B, S]
+        if lengths is None or bool((lengths == query_len).all()):
+            self._write_slots, self._write_pos = slots[:, None], positions
+            self._kv_len = int((starts.max() + query_len).item())
+        else:
+            padding = steps[None, :] >= lengths[:, None]
+            self._write_slots = torch.where(padding, self.num_slots, slots[:, None])
+            self._write_pos = torch.where(padding, 0, positions)
+            self._kv_len = int((starts + lengths).max().item())
         if self._kv_len > self.max_len:
             raise ValueError(f"sequence of {self._kv_len} tokens exceeds the KV cache length {self.max_len}")
         # Rows in slots 0..B-1, in order: read a view of the cache instead of gathering a copy.
@@ -41,10 +55,10 @@ class SlotKVCache:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
         """key, value: [B, kv_heads, S, head_dim] -> the full [B, kv_heads, L, head_dim] of each row's slot."""
-        slots, pos = self._slots, self._write_pos
+        slots, write_slots, pos = self._slots, self._write_slots, self._write_pos
         k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
-        k_cache[slots[:, None], :, pos] = key.transpose(1, 2)  # indexed view is [B, S, kv_heads, head_dim]
-        v_cache[slots[:, None], :, pos] = value.transpose(1, 2)
+        k_cache[write_slots, :, pos] = key.transpose(1, 2)  # indexed view is [B, S, kv_heads, head_dim]
+        v_cache[write_slots, :, pos] = value.transpose(1, 2)
         if self._contiguous:
             batch = slots.shape[0]
             return k_cache[:batch, :, : self._kv_len], v_cache[:batch, :, : self._kv_len]

@@ -165,3 +165,21 @@ def test_prompt_and_prefix_adapters_are_added_and_served_over_http(llama_client,
         expected = _peft_greedy(tiny_llama_dir, prompt_folders[name], tokenizer(PROMPTS[2])["input_ids"])
         assert answer.json()["choices"][0]["text"] == tokenizer.decode(expected)
         assert answer.json()["usage"]["completion_tokens"] == NEW_TOKENS
+
+
+def test_a_prefix_row_padded_to_a_longer_neighbour_stays_inside_its_slot(tiny_llama_base, prompt_folders):
+    """A prefix row starts at V; padded to a long plain row's length it used to run past the cache's end (the
+    step failed: 'exceeds the KV cache length'). Its padding goes to the scratch slot now; logits equal each
+    row run alone."""
+    base = tiny_llama_base
+    prefix = load_adapter("prefix", 1, read_adapter_folder(prompt_folders["prefix"]), CPU_FP32.device, CPU_FP32.dtype)
+    long_ids = base.tokenizer(" ".join(PROMPTS))["input_ids"]
+    max_len = len(long_ids) + 2  # the long row fits; the prefix row's start + the long length does not
+    short_ids = base.tokenizer(PROMPTS[1])["input_ids"]
+    assert prefix.num_virtual_tokens + len(long_ids) > max_len >= prefix.num_virtual_tokens + len(short_ids)
+    together = BatchRunner(base, num_slots=2, max_len=max_len).forward(
+        [RowInput(0, prefix.num_virtual_tokens, short_ids, None, prompt=prefix), RowInput(1, 0, long_ids, None)])
+    alone = [BatchRunner(base, num_slots=1, max_len=max_len).forward([row])[0] for row in (
+        RowInput(0, prefix.num_virtual_tokens, short_ids, None, prompt=prefix), RowInput(0, 0, long_ids, None))]
+    for row in range(2):
+        torch.testing.assert_close(together[row], alone[row], atol=1e-4, rtol=1e-4)
