@@ -15,12 +15,11 @@ LoRA folders, which the server does not read, load with PEFT like the other PEFT
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from safetensors import safe_open
 from torch import nn
@@ -153,49 +152,15 @@ def load_trained(folder: TrainedFolder, base: PreparedBase, tokenizer: PreTraine
     except (RuntimeError, ValueError, KeyError) as exc:  # PEFT's / torch's words for weights that do not fit
         raise AdapterMismatchError(
             f"{method} folder {folder.path.name!r} does not load onto base {base.name!r}: {exc}") from exc
-    if method == "full":
-        return FullFineTune(task_model(trained), model)
     return trained
 
 
 def task_model(model: nn.Module) -> nn.Module:
     """The model that computes what `model` computes and can `generate` / `save_pretrained`: a PEFT model as
     it is, the HF model inside freeze's and full's wrappers."""
-    if isinstance(model, FullFineTune):
-        return model.tuned
     if isinstance(model, PlainFineTune):
         return model.model
     return model
-
-
-class FullFineTune(nn.Module):
-    """A `full` folder's model, called like it, beside a fresh base that `disable_adapter()` switches to.
-
-    Why: the method table reloads a full folder as the loaded model wrapped with every weight "trainable",
-    so its own disable_adapter() would give the loaded (tuned) weights back, not the base's; `training eval`
-    needs the base's figures beside the tuned ones, as training measured them.
-    """
-
-    def __init__(self, tuned: PreTrainedModel, base: PreTrainedModel) -> None:
-        super().__init__()
-        self.tuned = tuned.eval()
-        self.base = base.eval()
-        self._active = self.tuned
-
-    @property
-    def config(self) -> Any:
-        return self.tuned.config
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._active(*args, **kwargs)
-
-    @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator[None]:
-        self._active = self.base
-        try:
-            yield
-        finally:
-            self._active = self.tuned
 
 
 def _read_peft_config(folder: Path) -> dict[str, Any]:

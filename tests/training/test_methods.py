@@ -129,6 +129,8 @@ def test_method_trains_saves_and_reloads(method: str, task: str, tmp_path: Path,
             quantize_linears(fresh)
         with trainable.disable_adapter():
             torch.testing.assert_close(logits(trainable, inputs), logits(fresh, inputs), atol=TOLERANCE, rtol=0)
+        with reloaded.disable_adapter():  # a reloaded folder too (`training eval`'s "before" figures)
+            torch.testing.assert_close(logits(reloaded, inputs), logits(fresh, inputs), atol=TOLERANCE, rtol=0)
         assert not torch.allclose(logits(trainable, inputs), logits(fresh, inputs), atol=TOLERANCE)
 
 

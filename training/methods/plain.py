@@ -150,8 +150,12 @@ def save_full_model(model: nn.Module, folder: Path, base_path: Path) -> None:
 
 
 def reload_full_model(model: PreTrainedModel, folder: Path) -> PlainFineTune:
-    loaded = type(model).from_pretrained(folder, dtype=model.dtype)
-    return PlainFineTune(loaded, {name for name, _ in loaded.named_parameters()})
+    """`model` (the fresh base) with the folder's weights loaded into it; `disable_adapter()` gives the base's
+    weights back, as during training."""
+    tuned = type(model).from_pretrained(folder, dtype=model.dtype)
+    result = PlainFineTune(model, {name for name, _ in model.named_parameters()})  # keeps the base's values
+    model.load_state_dict(tuned.state_dict())
+    return result
 
 
 def _plain(model: nn.Module) -> PlainFineTune:
