@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import AdapterFormatError
+from adapters.json_file import read_json_object
 from adapters.manifest import TASKS, check_hashes, hash_files
 
 EXPORT_MANIFEST_FILE = "export_manifest.json"
@@ -96,12 +97,7 @@ def read_export_folder(path: str | Path, check_files: bool = True) -> ExportMani
             f"{folder.name!r} is not an export folder{hint}: {EXPORT_MANIFEST_FILE} is missing; "
             f"make one with `training export {folder} --format onnx --out DIR`"
         )
-    try:
-        raw = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{EXPORT_MANIFEST_FILE} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise AdapterFormatError(f"{EXPORT_MANIFEST_FILE} must hold a JSON object")
+    raw = read_json_object(manifest_path)
     known = set(ExportManifest.__dataclass_fields__)
     try:
         values = {k: v for k, v in raw.items() if k in known}

@@ -8,7 +8,6 @@ here are relative to the task model PEFT wrapped (`...ForCausalLM` / `...ForSequ
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors.torch import load_file
 from adapters.dense import TRAINED_WEIGHTS_FILE, DenseWeights, split_dense_state
 from adapters.errors import AdapterFormatError
 from adapters.ia3_spec import IA3Scale, IA3Spec, is_ia3_config, parse_ia3_config, split_ia3_state
+from adapters.json_file import read_json_object
 from adapters.manifest import (MANIFEST_FILE, Manifest, check_file_hashes, check_served_method, read_manifest,
                                sha256_file)
 from adapters.prompt_spec import PromptSpec, PromptWeights, is_prompt_config, parse_prompt_config, read_prompt_weights
@@ -113,12 +113,7 @@ def read_adapter_folder(path: str | Path) -> AdapterFolder:
                 f"re-save the adapter with safetensors (PEFT: save_pretrained(..., safe_serialization=True))"
             )
         raise AdapterFormatError(f"{WEIGHTS_FILE} is missing in {folder.name!r}")
-    try:
-        raw_config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
-    if not isinstance(raw_config, dict):
-        raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object")
+    raw_config = read_json_object(config_path)
     prompt_spec = parse_prompt_config(raw_config) if is_prompt_config(raw_config) else None
     ia3_spec = parse_ia3_config(raw_config) if is_ia3_config(raw_config) else None
     spec = prompt_spec or ia3_spec or parse_lora_config(raw_config)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.errors import AdapterFormatError
+from adapters.json_file import read_json_object
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_VERSION = 1
@@ -85,12 +86,7 @@ def read_manifest(folder: Path) -> Manifest | None:
     path = Path(folder) / MANIFEST_FILE
     if not path.exists():
         return None
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{MANIFEST_FILE} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise AdapterFormatError(f"{MANIFEST_FILE} must hold a JSON object")
+    raw = read_json_object(path)
     known = set(Manifest.__dataclass_fields__)
     try:
         fields = {k: v for k, v in raw.items() if k in known}

@@ -16,7 +16,6 @@ LoRA folders, which the server does not read, load with PEFT like the other PEFT
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from adapters import (AdapterFolder, AdapterFormatError, AdapterMismatchError, BaseSignature, Manifest,
                       PreparedBase, read_adapter_folder, read_manifest, validate_against_base)
 from adapters.folder import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
+from adapters.json_file import read_json_object
 from adapters.manifest import MANIFEST_FILE, check_file_hashes, sha256_file
 from training.config import METHODS
 from training.errors import ConfigError, TrainingError
@@ -167,13 +167,7 @@ def _read_peft_config(folder: Path) -> dict[str, Any]:
     path = folder / CONFIG_FILE
     if not path.is_file():
         raise AdapterFormatError(f"{CONFIG_FILE} is missing in {folder.name!r}")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object")
-    return raw
+    return read_json_object(path)
 
 
 def _stock_method(peft_config: dict[str, Any]) -> str:

@@ -11,12 +11,13 @@ from fastapi.testclient import TestClient
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from adapters import PreparedBase
+from adapters import PreparedBase, read_adapter_folder, validate_against_base
 from adapters.fingerprint import fingerprint_base_folder
 from server.api.app import create_app
 from server.config import ServerConfig
 from server.engine.backend import Backend
 from server.engine.base_model import BaseModel, load_base
+from server.engine.loaded import LoadedAdapter, load_adapter
 
 CPU_FP32 = Backend(torch.device("cpu"), torch.float32)
 
@@ -66,6 +67,13 @@ def tiny_classifiers(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Pa
         "two": make_classifier_adapter(tiny_bert_dir, root / "two", 3, 2),
         "three": make_classifier_adapter(tiny_bert_dir, root / "three", 4, 3),
     }
+
+
+def load_folder(folder: Path, base: BaseModel, name: str) -> LoadedAdapter:
+    """Read, check against `base` and load an adapter folder, as the registry does (fp32, CPU)."""
+    parsed = read_adapter_folder(folder)
+    validate_against_base(parsed, base.signature)
+    return load_adapter(name, 1, parsed, CPU_FP32.device, CPU_FP32.dtype)
 
 
 def _prepared(folder: Path) -> PreparedBase:

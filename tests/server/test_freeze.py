@@ -17,11 +17,10 @@ from adapters.dense import TRAINED_WEIGHTS_FILE
 from adapters.fingerprint import fingerprint_base_folder
 from adapters.manifest import write_manifest
 from server.engine.batch_runner import BatchRunner, RowInput
-from server.engine.loaded import load_adapter
 from server.engine.merge_mode import Merger
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import GenerationRequest, Scheduler, SchedulerLimits
-from tests.server.conftest import CPU_FP32, Collector
+from tests.server.conftest import Collector, load_folder
 from tests.server.test_ia3 import make_ia3
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "I like to eat"]
@@ -64,19 +63,13 @@ def freeze_folders(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Pat
     }
 
 
-def _load(folder: Path, base, name: str):
-    parsed = read_adapter_folder(folder)
-    validate_against_base(parsed, base.signature)
-    return load_adapter(name, 1, parsed, CPU_FP32.device, CPU_FP32.dtype)
-
-
 @pytest.mark.parametrize("kernel", ["stacked", "loop"])
 def test_freeze_rows_beside_lora_ia3_and_base_rows_equal_hf(kernel, tiny_llama_base, tiny_llama_base_loop, tiny_llama_dir,
                                                             freeze_folders, tiny_adapters, tmp_path):
     base = tiny_llama_base if kernel == "stacked" else tiny_llama_base_loop
-    loaded = {name: _load(folder, base, name) for name, folder in freeze_folders.items()}
-    loaded["alpha"] = _load(tiny_adapters["alpha"], base, "alpha")
-    loaded["ia3"] = _load(make_ia3(tiny_llama_dir, tmp_path / "ia3", 33), base, "ia3")
+    loaded = {name: load_folder(folder, base, name) for name, folder in freeze_folders.items()}
+    loaded["alpha"] = load_folder(tiny_adapters["alpha"], base, "alpha")
+    loaded["ia3"] = load_folder(make_ia3(tiny_llama_dir, tmp_path / "ia3", 33), base, "ia3")
     names = ["last-mlp", "alpha", "attn", None, "ia3", "last-mlp"]
     ids = [base.tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"] for i in range(len(names))]
     runner = BatchRunner(base, num_slots=len(names), max_len=64)
@@ -98,7 +91,7 @@ def test_freeze_rows_beside_lora_ia3_and_base_rows_equal_hf(kernel, tiny_llama_b
 
 def test_freeze_requests_through_the_scheduler_and_merged(tiny_llama_base, tiny_llama_dir, freeze_folders):
     base = tiny_llama_base
-    loaded = {name: _load(folder, base, name) for name, folder in freeze_folders.items()}
+    loaded = {name: load_folder(folder, base, name) for name, folder in freeze_folders.items()}
     ids = base.tokenizer(PROMPTS[1])["input_ids"]
     expected = {}
     for name, folder in freeze_folders.items():

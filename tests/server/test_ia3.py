@@ -15,11 +15,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from adapters import AdapterFormatError, AdapterMismatchError, read_adapter_folder, validate_against_base
 from server.engine.batch_runner import BatchRunner, RowInput
 from server.engine.classify import classify_rows
-from server.engine.loaded import load_adapter
 from server.engine.merge_mode import Merger
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import GenerationRequest, Scheduler, SchedulerLimits
-from tests.server.conftest import CPU_FP32, Collector
+from tests.server.conftest import Collector, load_folder
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "I like to eat"]
 NEW_TOKENS = 6
@@ -52,12 +51,7 @@ def ia3_folders(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) 
 
 
 def _loaded(folders: dict[str, Path], base) -> dict:
-    loaded = {}
-    for name, folder in folders.items():
-        parsed = read_adapter_folder(folder)
-        validate_against_base(parsed, base.signature)
-        loaded[name] = load_adapter(name, 1, parsed, CPU_FP32.device, CPU_FP32.dtype)
-    return loaded
+    return {name: load_folder(folder, base, name) for name, folder in folders.items()}
 
 
 def _peft_logits(base_dir: Path, folder: Path | None, ids: list[int]) -> torch.Tensor:

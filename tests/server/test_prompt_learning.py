@@ -17,7 +17,7 @@ from server.engine.batch_runner import BatchRunner, RowInput
 from server.engine.loaded import load_adapter
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import GenerationRequest, Scheduler, SchedulerLimits
-from tests.server.conftest import CPU_FP32, Collector
+from tests.server.conftest import CPU_FP32, Collector, load_folder
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "I like to eat", "Hello!"]
 NEW_TOKENS = 8
@@ -63,11 +63,7 @@ def test_prompt_learning_adapters_in_a_mixed_batch_match_peft(tiny_llama_base, t
                                                                tiny_adapters):
     base = tiny_llama_base
     folders = {**prompt_folders, "alpha": tiny_adapters["alpha"]}
-    loaded = {}
-    for name, folder in folders.items():
-        parsed = read_adapter_folder(folder)
-        validate_against_base(parsed, base.signature)
-        loaded[name] = load_adapter(name, 1, parsed, CPU_FP32.device, CPU_FP32.dtype)
+    loaded = {name: load_folder(folder, base, name) for name, folder in folders.items()}
     assert loaded["prompt"].virtual_tokens is not None and loaded["ptuning"].prefix is not None
     rows = [("prompt", PROMPTS[0]), ("prefix", PROMPTS[1]), (None, PROMPTS[2]), ("alpha", PROMPTS[3]),
             ("ptuning", PROMPTS[4]), ("prefix", PROMPTS[0])]
