@@ -22,17 +22,22 @@ from server.engine.loaded import LoadedAdapter, load_adapter
 CPU_FP32 = Backend(torch.device("cpu"), torch.float32)
 
 
-def make_causal_adapter(base_dir: Path, out: Path, seed: int, r: int, targets: list[str], **extra) -> Path:
+def make_peft_folder(base_dir: Path, out: Path, config, seed: int, key: str, init) -> Path:
+    """Save a PEFT adapter on a tiny causal base, its parameters whose names hold `key` redrawn in place by
+    `init` (PEFT's own init is tiny or the identity: the adapter would hardly change the logits)."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **extra)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():  # PEFT's random init is tiny on a tiny model; make the delta matter
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
+    with torch.no_grad():
         for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
+            if key in name:
+                init(param)
     peft_model.save_pretrained(out)
     return out
+
+
+def make_causal_adapter(base_dir: Path, out: Path, seed: int, r: int, targets: list[str], **extra) -> Path:
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False, **extra)
+    return make_peft_folder(base_dir, out, config, seed, "lora_B", lambda p: p.normal_(0, 0.5))
 
 
 def make_classifier_adapter(base_dir: Path, out: Path, seed: int, num_labels: int, r: int = 4) -> Path:

@@ -18,26 +18,16 @@ from server.engine.classify import classify_rows
 from server.engine.merge_mode import Merger
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import GenerationRequest, Scheduler, SchedulerLimits
-from tests.server.conftest import Collector, load_folder
+from tests.server.conftest import Collector, load_folder, make_peft_folder
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "I like to eat"]
 NEW_TOKENS = 6
 
 
-def _randomize(model) -> None:
-    with torch.no_grad():  # PEFT starts IA3 at ones (the identity); make every vector matter
-        for name, param in model.named_parameters():
-            if "ia3_l" in name:
-                param.uniform_(0.2, 2.0)
-
-
 def make_ia3(base_dir: Path, out: Path, seed: int, **config) -> Path:
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), IA3Config(task_type=TaskType.CAUSAL_LM,
-                                                                                     **config))
-    _randomize(model)
-    model.save_pretrained(out)
-    return out
+    """PEFT starts IA3 at ones (the identity); every vector redrawn so that it matters."""
+    return make_peft_folder(base_dir, out, IA3Config(task_type=TaskType.CAUSAL_LM, **config), seed, "ia3_l",
+                            lambda p: p.uniform_(0.2, 2.0))
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +131,10 @@ def test_ia3_classifier_rows_beside_lora_rows_equal_peft(tiny_bert_base, tiny_be
     torch.manual_seed(5)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=3)
     peft_model = get_peft_model(model, IA3Config(task_type=TaskType.SEQ_CLS))
-    _randomize(peft_model)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "ia3_l" in name:
+                param.uniform_(0.2, 2.0)
     peft_model.save_pretrained(tmp_path / "ia3-cls")
     folders = {"ia3": tmp_path / "ia3-cls", "two": tiny_classifiers["two"]}
     loaded = _loaded(folders, tiny_bert_base)

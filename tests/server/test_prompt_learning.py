@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType, get_peft_model
+from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, TaskType
 from transformers import AutoModelForCausalLM
 
 from adapters import AdapterFormatError, AdapterMismatchError, read_adapter_folder, validate_against_base
@@ -17,21 +17,15 @@ from server.engine.batch_runner import BatchRunner, RowInput
 from server.engine.loaded import load_adapter
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import GenerationRequest, Scheduler, SchedulerLimits
-from tests.server.conftest import CPU_FP32, Collector, load_folder
+from tests.server.conftest import CPU_FP32, Collector, load_folder, make_peft_folder
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "I like to eat", "Hello!"]
 NEW_TOKENS = 8
 
 
 def _make(base_dir: Path, out: Path, config, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), config)
-    with torch.no_grad():  # PEFT's init is small; make the virtual positions matter
-        for name, param in model.named_parameters():
-            if "prompt_encoder" in name:
-                param.normal_(0, 1.0)
-    model.save_pretrained(out)
-    return out
+    """PEFT's init is small; the virtual positions redrawn so that they matter."""
+    return make_peft_folder(base_dir, out, config, seed, "prompt_encoder", lambda p: p.normal_(0, 1.0))
 
 
 @pytest.fixture(scope="module")
