@@ -94,10 +94,11 @@ def make_peft_adapters(base_path: Path, count: int, rank: int, out_dir: Path) ->
 
 
 def run_engine(base, prompts, adapters: list[LoadedAdapter | None], concurrency: int, new_tokens: int,
-               threads: int) -> dict:
-    """Submit every request at once; the scheduler runs `concurrency` at a time. -> tokens/s and stats."""
+               threads: int, extra_len: int = 0) -> dict:
+    """Submit every request at once; the scheduler runs `concurrency` at a time. -> tokens/s and stats.
+    `extra_len`: KV positions an adapter adds in front of the prompt (prompt-learning virtual tokens)."""
     limits = SchedulerLimits(max_running=concurrency, max_waiting=len(prompts) + 1,
-                             max_len=len(prompts[0]) + new_tokens + 1, max_adapters_per_batch=concurrency)
+                             max_len=len(prompts[0]) + new_tokens + 1 + extra_len, max_adapters_per_batch=concurrency)
     sched = Scheduler(base, limits, threading.Lock(), threads=threads)
     done = threading.Semaphore(0)
     counts = [0] * len(prompts)
