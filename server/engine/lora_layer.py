@@ -40,6 +40,7 @@ class ActiveAdapters:
         self.slots = slots
         self.ia3 = IA3Rows()
         self.dense = DenseRows()
+        self.ia3_or_freeze = False  # this batch has IA3 or freeze rows (one check per layer call when it has not)
         self.row_weights = RowWeights(slots) if slots is not None else None
         self.per_row = False  # stacked decode: per-row kernel (True) or masked (False) for this batch
         self.groups: list[tuple[LoadedAdapter, torch.Tensor | None]] = []  # loop kernel
@@ -57,6 +58,7 @@ class ActiveAdapters:
         """rows[i] is the adapter of batch row i (None: base only)."""
         self.ia3.set_rows(rows, device)
         self.dense.set_rows(rows, device)
+        self.ia3_or_freeze = self.ia3.on or self.dense.on
         rows = [a if a is not None and a.lora else None for a in rows]  # the LoRA kernels' rows
         distinct = {id(a): a for a in rows if a is not None}
         if not distinct:
@@ -120,6 +122,7 @@ class ActiveAdapters:
     def clear(self) -> None:
         self.ia3.clear()
         self.dense.clear()
+        self.ia3_or_freeze = False
         self._clear_lora()
 
     def _clear_lora(self) -> None:
@@ -208,6 +211,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, in] -> [B, S, out]
+        if not self.active.ia3_or_freeze:  # LoRA and base rows only: the hot path
+            return self.active.apply(self.name, x, self.linear(x, self.kernel_weight, self.base.bias))
         ia3 = self.active.ia3
         x = ia3.scale_input(self.name, x)
         out = ia3.scale_output(self.name, self.linear(x, self.kernel_weight, self.base.bias))
