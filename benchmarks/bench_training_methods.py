@@ -59,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, from {', '.join(GROUPS)}")
     p.add_argument("--methods", default="", help="comma-separated subset (default: every method of the group)")
     p.add_argument("--steps", type=int, help="override the optimizer steps of every group")
+    p.add_argument("--split-seed", type=int, default=SEED, help="which rows are held out (the tables: 0)")
     p.add_argument("--keep", type=Path, help="keep the trained folders here (default: a temp folder, removed)")
     p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE, help="where prepared bases are cached")
     return p.parse_args()
@@ -73,7 +74,7 @@ def run_one(group: str, method: str, out: Path, args: argparse.Namespace) -> dic
         budget["max_steps"] = args.steps
     config = TrainConfig(
         base=CLASSIFY_BASE if classify else SFT_BASE, data=group if classify else SFT_DATA, out=out / f"{group}-{method}",
-        method=method, task=task, lr=METHOD_LR[task][method], seed=SEED, split_seed=SEED, cache_dir=args.cache_dir,
+        method=method, task=task, lr=METHOD_LR[task][method], seed=SEED, split_seed=args.split_seed, cache_dir=args.cache_dir,
         **budget,
     )
     started = time.perf_counter()
@@ -129,7 +130,7 @@ def main() -> int:
     for group, rows in results.items():
         print(markdown(group, rows))
     budgets = {"classification": CLASSIFY_BUDGET, "completion": {**SFT_BUDGET, "data": SFT_DATA}}
-    print(json.dumps({"seed": SEED, "steps_override": args.steps, "budgets": budgets, "results": results}))
+    print(json.dumps({"seed": SEED, "split_seed": args.split_seed, "steps_override": args.steps, "budgets": budgets, "results": results}))
     return 0
 
 
