@@ -16,7 +16,7 @@ from safetensors import safe_open
 from adapters import is_export_folder, read_export_folder, read_manifest
 from adapters.dense import HEAD_MODULES
 from server.engine.base_model import BaseModel
-from server.engine.loaded import ClassificationHead, LoadedAdapter
+from server.engine.loaded import LoadedAdapter, find_head
 
 
 def base_classifier(base: BaseModel, served_name: str) -> LoadedAdapter | None:
@@ -25,20 +25,11 @@ def base_classifier(base: BaseModel, served_name: str) -> LoadedAdapter | None:
     manifest = read_export_folder(folder, check_files=False) if is_export_folder(folder) else read_manifest(folder)
     if manifest is None or manifest.task != "classification":
         return None
-    tensors = _head_tensors(folder)
-    for module in HEAD_MODULES:
-        weight = tensors.get(f"{module}.weight")
-        if weight is None or weight.dim() != 2:
-            continue
-        bias = tensors.get(f"{module}.bias")
-        labels = manifest.labels if len(manifest.labels) == weight.shape[0] else tuple(
-            f"LABEL_{i}" for i in range(weight.shape[0]))
-        device, dtype = base.backend.device, base.backend.dtype
-        head = ClassificationHead(weight=weight.to(device=device, dtype=dtype),
-                                  bias=None if bias is None else bias.to(device=device, dtype=dtype), labels=labels)
-        return LoadedAdapter(name=served_name, version=0, task="classification", source=folder, rank=0, lora={},
-                             head=head, metadata={"metrics": getattr(manifest, "metrics", {})}, pinned=True)
-    return None
+    head = find_head(_head_tensors(folder), manifest.labels, base.backend.device, base.backend.dtype)
+    if head is None:
+        return None
+    return LoadedAdapter(name=served_name, version=0, task="classification", source=folder, rank=0, lora={},
+                         head=head, metadata={"metrics": getattr(manifest, "metrics", {})}, pinned=True)
 
 
 def _head_tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -85,18 +85,28 @@ def load_adapter(name: str, version: int, folder: AdapterFolder, device: torch.d
 
 
 def _head(folder: AdapterFolder, device: torch.device, dtype: torch.dtype) -> ClassificationHead:
+    head = find_head(folder.extra, folder.labels, device, dtype)
+    if head is None:
+        raise AdapterMismatchError(
+            f"classification adapter has no linear head ({' or '.join(m + '.weight' for m in HEAD_MODULES)} "
+            "saved via modules_to_save)"
+        )
+    return head
+
+
+def find_head(tensors: dict[str, torch.Tensor], labels: tuple[str, ...], device: torch.device,
+              dtype: torch.dtype) -> ClassificationHead | None:
+    """The classification head among `tensors` (`classifier.*` or `score.*`), on the serving device and dtype;
+    `labels` name its rows when their count fits (else LABEL_i)."""
     for module in HEAD_MODULES:
-        weight = folder.extra.get(f"{module}.weight")
+        weight = tensors.get(f"{module}.weight")
         if weight is not None and weight.dim() == 2:
-            bias = folder.extra.get(f"{module}.bias")
+            bias = tensors.get(f"{module}.bias")
             num_labels = weight.shape[0]
-            labels = folder.labels if len(folder.labels) == num_labels else tuple(f"LABEL_{i}" for i in range(num_labels))
+            names = labels if len(labels) == num_labels else tuple(f"LABEL_{i}" for i in range(num_labels))
             return ClassificationHead(
                 weight=weight.to(device=device, dtype=dtype),
                 bias=bias.to(device=device, dtype=dtype) if bias is not None else None,
-                labels=labels,
+                labels=names,
             )
-    raise AdapterMismatchError(
-        f"classification adapter has no linear head ({' or '.join(m + '.weight' for m in HEAD_MODULES)} "
-        "saved via modules_to_save)"
-    )
+    return None
