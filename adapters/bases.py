@@ -73,11 +73,23 @@ def resolve_base(name_or_path: str, cache_dir: Path) -> PreparedBase:
         folder = _prepare_gguf(path, Path(cache_dir) / "bases" / f"{path.stem}-{key}")
         return PreparedBase(path.stem, folder, fingerprint_base_folder(folder))
     if path.is_dir() and (path / "config.json").is_file():
-        return PreparedBase(path.name, path, fingerprint_base_folder(path))
+        return PreparedBase(path.name, path, folder_fingerprint(path))
     raise BaseNotFoundError(
         f"unknown base {name_or_path!r}: use an embedded name ({', '.join(EMBEDDED_BASES)}), "
         "a local Hugging Face folder with config.json and safetensors weights, or a .gguf file"
     )
+
+
+def folder_fingerprint(folder: Path) -> str:
+    """A quantized export of a base alone answers to the fingerprint of the base it was made from, so the
+    adapters trained on that base validate on it; any other folder (a merged export, quantized or not,
+    included) has its own."""
+    from adapters.quantized import read_quant_config
+
+    quantized = read_quant_config(folder)
+    if quantized is not None and quantized.source_fingerprint and not quantized.merged_adapter:
+        return quantized.source_fingerprint
+    return fingerprint_base_folder(folder)
 
 
 def _package_path(base: EmbeddedBase) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
+from pydantic import ValidationError
 
 from server.auth import read_admin_token
 from server.config import DEFAULT_PORT, ServerConfig, default_state_dir, env_admin_token
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=DEFAULT_PORT)
     serve.add_argument("--adapter", action="append", type=_adapter_pair, default=[], metavar="NAME=PATH",
                        help="an adapter to load at start (repeatable)")
-    serve.add_argument("--quant", choices=["none", "int8", "int4"], default="none")
+    serve.add_argument("--quant", choices=["none", "int8", "int4", "nf4", "fp4"], default="none",
+                       help=ServerConfig.model_fields["quant"].description)
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     serve.add_argument("--max-model-len", type=int, default=2048)
@@ -96,7 +98,7 @@ def _leave_cores_to_workers() -> None:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from server.api.app import create_app
+    from server.api.app import create_app, load_engine_base
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     names = [name for name, _ in args.adapter]
@@ -111,12 +113,27 @@ def _serve(args: argparse.Namespace) -> int:
             lora_kernel=args.lora_kernel, merge=args.merge, backend=args.backend, ort_threads=args.ort_threads,
             threads=args.threads or _default_threads(),
         )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except ValidationError as exc:
+        print(f"error: {_first_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
     _leave_cores_to_workers()
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=args.log_level)
+    base = None
+    if config.backend == "torch":  # load before serving, so a bad base or --quant is one line, not a traceback
+        try:
+            base = load_engine_base(config)
+        except ValueError as exc:  # unknown base, --quant this machine can't run, a checkpoint that doesn't match
+            print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
+            return EXIT_USAGE
+    uvicorn.run(create_app(config, base), host=config.host, port=config.port, log_level=args.log_level)
     return 0
+
+
+def _first_error(exc: ValidationError) -> str:
+    """One line for the user: the first field's message, without pydantic's framing."""
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error.get("loc", ()))
+    message = str(error.get("msg", exc)).removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
 
 
 def _admin(args: argparse.Namespace) -> int:

@@ -44,7 +44,9 @@ class ServerConfig(BaseModel):
     adapters: dict[str, str] = Field(default_factory=dict, description="adapters loaded at start: name -> folder")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    quant: Literal["none", "int8", "int4"] = "none"
+    quant: Literal["none", "int8", "int4", "nf4", "fp4"] = Field("none", description=(
+        "quantized base: int8 / int4 (torch's kernels on CPU, bitsandbytes LLM.int8 / NF4 on CUDA), or nf4 / fp4 "
+        "(bitsandbytes, as `training qlora` quantizes); adapters apply on top in the activation dtype"))
     max_model_len: int = Field(2048, gt=0, description="prompt + completion tokens per request, at most")
     max_tokens_limit: int = Field(1024, gt=0, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(64, gt=0)
@@ -72,6 +74,16 @@ class ServerConfig(BaseModel):
         if isinstance(data, dict) and data.get("base") is None and data.get("backend", "torch") == "torch":
             data = {**data, "base": DEFAULT_BASE}
         return data
+
+    @model_validator(mode="after")
+    def _merge_needs_full_precision(self) -> "ServerConfig":
+        """Merging into quantized weights would requantize them with every swap: lossy, so refused."""
+        if self.merge and self.quant != "none" and self.backend == "torch":
+            raise ValueError(f"--merge with --quant {self.quant}: merging an adapter into quantized weights would "
+                             "requantize them at every swap (lossy); serve mixed batches on the quantized base "
+                             "(drop --merge), or export the adapter merged and quantized once: "
+                             "`training export ADAPTER --format int8|int4 --out DIR`, then `server serve --base DIR`")
+        return self
 
     @model_validator(mode="after")
     def _backend_options(self) -> "ServerConfig":

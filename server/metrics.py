@@ -106,6 +106,7 @@ class EngineCollector(Collector):
             "loraplex_lora_slots_used": "Adapters resident in device LoRA slots",
             "loraplex_adapters_resident": "Adapters loaded in memory (the rest are on disk until used)",
             "loraplex_onnx_sessions_open": "ONNX sessions open (onnxruntime backend)",
+            "loraplex_base_weight_bytes": "Bytes of the base model's weights as held (quantized ones as stored)",
         }
         counters = {
             "loraplex_lora_slot_hits": "Batches whose adapter was already in a device slot",

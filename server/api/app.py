@@ -27,6 +27,14 @@ from server.registry import AdapterRegistry
 log = logging.getLogger(__name__)
 
 
+def load_engine_base(config: ServerConfig) -> BaseModel:
+    """The torch backend's base, loaded (and quantized) as the config says. Raises ValueError subclasses
+    for what the user can fix: an unknown base, a --quant this machine can't run, a checkpoint that does
+    not match the flag."""
+    backend = choose_backend(config.device, config.dtype, config.quant)
+    return load_base(resolve_base(config.base, config.cache_dir), backend, config.lora_kernel, config.max_loras)
+
+
 def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState:
     """Load the base (unless given), register the start-up adapters, establish the admin token."""
     if config.backend == "onnxruntime":  # the backend is picked once, here
@@ -34,8 +42,7 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
 
         return build_ort_state(config)
     if base is None:
-        backend = choose_backend(config.device, config.dtype, config.quant)
-        base = load_base(resolve_base(config.base, config.cache_dir), backend, config.lora_kernel, config.max_loras)
+        base = load_engine_base(config)
     metrics = Metrics()
     registry = AdapterRegistry(base, config.max_adapters, config.max_cpu_loras, on_load=metrics.observe_adapter_load)
     for name, path in config.adapters.items():
@@ -64,6 +71,7 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
 
 def engine_readings(scheduler: Scheduler | None, base: BaseModel, registry: AdapterRegistry) -> dict[str, float]:
     values: dict[str, float] = {
+        "loraplex_base_weight_bytes": base.weight_bytes,
         "loraplex_adapters_resident": registry.resident_count(),
         "loraplex_adapter_cache_hits": registry.stats.hits,
         "loraplex_adapter_cache_misses": registry.stats.misses,

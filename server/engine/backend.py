@@ -10,6 +10,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from server.engine.quant_kernels import QuantKernels, quant_kernels_for
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,22 +67,28 @@ class Backend:
     dtype: torch.dtype
     linear: LinearFn | None = None  # None: the fastest agreeing kernel for device and dtype (with its pack)
     pack: PackFn = no_pack  # weight -> the form `linear` reads fastest; set together with linear
+    quant: str = "none"  # the base's quantization (server/engine/quant_kernels.py), with its kernels
+    quant_kernels: QuantKernels | None = None
 
     def __post_init__(self) -> None:
-        if self.linear is None:
+        if self.quant_kernels is not None:  # the base matmuls run on quantized matrices: nothing to pack
+            object.__setattr__(self, "linear", F.linear)
+        elif self.linear is None:
             linear, pack = linear_kernel_for(self.device, self.dtype)
             object.__setattr__(self, "linear", linear)
             object.__setattr__(self, "pack", pack)
 
 
 def choose_backend(device: str, dtype: str, quant: str) -> Backend:
-    """`auto` means CUDA with bfloat16 when there is a GPU, else CPU with float32 (PEFT-exact outputs)."""
-    if quant != "none":
-        raise ValueError(f"--quant {quant} is not available yet; serve with --quant none")
+    """`auto` means CUDA with bfloat16 when there is a GPU, else CPU with float32 (PEFT-exact outputs).
+    A quantized base keeps its activations (and the adapters' deltas) in that dtype too; raises
+    QuantUnavailableError (a ValueError) when this machine cannot run `quant`."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but CUDA is not available on this machine")
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
-    return Backend(device=torch.device(device), dtype=_DTYPES[dtype])
+    torch_device = torch.device(device)
+    return Backend(device=torch_device, dtype=_DTYPES[dtype], quant=quant,
+                   quant_kernels=quant_kernels_for(torch_device, quant))

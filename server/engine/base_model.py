@@ -8,6 +8,7 @@ loaded now or later, applies per request without touching the base weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Iterator
@@ -19,10 +20,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from adapters import BaseSignature, PreparedBase
+from adapters.quantized import QuantizedWeights, quantize_model, read_quant_config
 from server.engine.backend import Backend
 from server.engine.loaded import LoadedAdapter
 from server.engine.lora_layer import ActiveAdapters, wrap_linears
 from server.engine.lora_slots import LoraSlots
+from server.engine.quant_base import QuantSummary, check_folder_matches, load_quantized_folder, quantize_base
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,16 @@ class BaseModel:
     signature: BaseSignature
     active: ActiveAdapters
     can_generate: bool
+    quant: QuantSummary | None = None  # set on a quantized base (--quant int8|int4|nf4|fp4)
+
+    @functools.cached_property
+    def weight_bytes(self) -> int:
+        """Bytes of every weight the base holds (quantized matrices counted as stored; oneDNN's packed
+        copies of a full-precision base are not counted)."""
+        if self.quant is not None:
+            return self.quant.weight_bytes
+        tensors = {id(t): t for t in (*self.model.parameters(), *self.model.buffers())}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     @property
     def context_length(self) -> int:
@@ -65,20 +78,37 @@ def load_base(prepared: PreparedBase, backend: Backend, lora_kernel: str = "stac
     config = AutoConfig.from_pretrained(prepared.path)
     can_generate = is_decoder_only(config)
     model_cls = AutoModelForCausalLM if can_generate else AutoModelForSequenceClassification
+    quantized_folder = read_quant_config(prepared.path)
+    checkpoint: QuantizedWeights | None = None
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the unused placeholder head of an encoder is not news
     try:
-        model = model_cls.from_pretrained(prepared.path, dtype=backend.dtype)
+        if quantized_folder is not None:
+            check_folder_matches(quantized_folder, backend.quant, backend.quant_kernels, prepared.path)
+            model, checkpoint = load_quantized_folder(prepared.path, model_cls, backend.dtype)
+        else:
+            model = model_cls.from_pretrained(prepared.path, dtype=backend.dtype)
     finally:
         transformers.logging.set_verbosity(verbosity)
-    model.to(backend.device).eval().requires_grad_(False)
+    if quantized_folder is None:  # a quantized folder's tensors stay where they are until they are packed
+        model.to(backend.device)
+    model.eval().requires_grad_(False)
     signature = BaseSignature.of(model, prepared.name, prepared.fingerprint)
     backbone = getattr(model, model.base_model_prefix)
     slots = None
     if lora_kernel == "stacked":
         slots = LoraSlots(lora_slots, dict(signature.linear_shapes), backend.device, backend.dtype)
     active = ActiveAdapters(slots)
+    kernels = backend.quant_kernels
+    if kernels is not None and kernels.reads_checkpoints and checkpoint is None:
+        checkpoint = quantize_model(model, backend.quant, source_name=prepared.name,
+                                    source_fingerprint=prepared.fingerprint)  # before wrapping: HF's module names
     wrapped = wrap_linears(model, active, backend.linear, backend.pack)
+    quant = None
+    if backend.quant_kernels is not None:
+        quant = quantize_base(model, backend.quant_kernels, backend.device, backend.dtype, checkpoint)
+        log.info("base quantized: %s, %d matrices, %.1f MB of weights", quant.kernel, quant.matrices,
+                 quant.weight_bytes / 1e6)
     tokenizer = AutoTokenizer.from_pretrained(prepared.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -88,7 +118,7 @@ def load_base(prepared: PreparedBase, backend: Backend, lora_kernel: str = "stac
     )
     return BaseModel(
         prepared=prepared, model=model, backbone=backbone, tokenizer=tokenizer, backend=backend,
-        signature=signature, active=active, can_generate=can_generate,
+        signature=signature, active=active, can_generate=can_generate, quant=quant,
     )
 
 

@@ -15,6 +15,7 @@ from server.engine.ia3_rows import IA3Rows
 from server.engine.loaded import LoadedAdapter
 from server.engine.lora_rows import RowWeights
 from server.engine.lora_slots import LoraSlots
+from server.engine.quant_kernels import QuantMatrix, quant_linear
 
 # Decode batches of at most this many rows, with at least one distinct adapter per two adapter rows,
 # take the per-row kernel; it keeps a copy of each row's blocks, so the bound caps that memory.
@@ -189,7 +190,8 @@ class LoraLinear(nn.Module):
 
     The base matmul goes through `linear` (the backend's kernel, see backend.py) on `pack(weight)`, the
     weight in the layout that kernel reads fastest. The plain weight stays `base.weight` (tied
-    embeddings, merges); whoever changes it calls `repack()`.
+    embeddings, merges); whoever changes it calls `repack()`. On a quantized base (`use_quantized`)
+    `kernel_weight` is a QuantMatrix, `base.weight` is gone, and nothing may repack.
     """
 
     def __init__(self, base: nn.Linear, name: str, active: ActiveAdapters, linear: LinearFn = F.linear,
@@ -207,7 +209,15 @@ class LoraLinear(nn.Module):
         return self.base.weight
 
     def repack(self) -> None:
+        if self.base.weight is None:
+            raise RuntimeError(f"{self.name}: a quantized base matrix cannot be repacked (no full-precision weight)")
         self.kernel_weight = self.pack(self.base.weight)
+
+    def use_quantized(self, matrix: QuantMatrix) -> None:
+        """Run the base matmul on `matrix` (server/engine/quant_kernels.py) and drop the plain weight."""
+        self._parameters.pop("kernel_weight", None)  # no_pack made it the weight Parameter itself
+        self.linear, self.pack, self.kernel_weight = quant_linear, no_pack, matrix
+        self.base.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [B, S, in] -> [B, S, out]

@@ -1,0 +1,282 @@
+"""Quantized base matrices: what a LoraLinear's base matmul runs on under `--quant int8|int4|nf4|fp4`.
+
+Every kind holds only its quantized form (the full-precision weight is dropped once it is made) and
+answers `matmul(x [..., K], bias) -> [..., N]` in x's dtype; the adapters' deltas are added after, in
+the activation dtype, as on a full-precision base. `dequantize()` is the fp32 matrix it stands for.
+
+Which kernel serves which mode is decided once, by `quant_kernels_for(device, quant)`:
+
+    CPU  int8  torch's `_weight_int8pack_mm`            int8 weights, one scale per output row
+         int4  torch's `_weight_int4pack_mm_for_cpu`    4-bit, asymmetric, groups of 32 along K
+         nf4 / fp4  bitsandbytes `Linear4bit`           what `training qlora` trains against (exact)
+    CUDA int8  bitsandbytes LLM.int8 (`Linear8bitLt`)
+         int4 / nf4  bitsandbytes NF4, double quantization; fp4 bitsandbytes FP4
+
+Why these on CPU (this project's 2-core AVX2 machine, `python benchmarks/bench_quant.py --kernels`): over all 211 of SmolLM2-135M's weight matrices, one pass took
+fp32 (oneDNN, packed) 57 / 116 ms at 1 / 8 rows, bf16 F.linear 29 / 222 ms, torch int8 25 / 80 ms and
+torch int4 16 / 54 ms, both fed bf16 activations. With fp32 activations the same torch kernels fall to a
+scalar path (116 / 1,069 ms int8): so x is cast to bf16 for the base matmul only, and the result back.
+bitsandbytes on CPU dequantizes per call and was slower than fp32 (ASSETS: 4.4 / 6.0 ms against 3.4 ms
+for a 1024x1024 layer at 32 rows): it is kept for nf4/fp4 because it is QLoRA's own arithmetic.
+Both torch kernels are compute-bound past a few dozen rows (int4 at 512 rows: 20 ms against fp32's
+7 ms for a 1536x576 layer), so prefill chunks of at least DEQUANT_ROWS rows dequantize the matrix into
+a scratch fp32 buffer and run one fp32 matmul instead (one matrix at a time: nothing stays resident).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from adapters.quantized import dequantize as reference_dequantize
+from adapters.quantized import unpack_int4
+
+KERNEL_DTYPE = torch.bfloat16  # the activations the torch int8/int4 CPU kernels are fast on
+DEQUANT_ROWS = 256  # rows (tokens) from which a dequantize + fp32 matmul beats the int kernels on CPU
+INT4_PACK_TILES = 1  # _convert_weight_to_int4pack_for_cpu's inner_k_tiles argument (CPU ignores its value)
+INT4_MIDPOINT = 8  # torch's int4 kernels compute (q - 8) * scale + zero
+
+
+class QuantMatrix(Protocol):
+    out_features: int
+    in_features: int
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor: ...
+
+    def dequantize(self) -> torch.Tensor: ...
+
+    def nbytes(self) -> int: ...
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out.add_(bias)
+
+
+class TorchInt8(QuantMatrix):
+    """w = qweight * scales[:, None]; int8 [N, K], scales [N] (the checkpoint's own layout)."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+        self.qweight = qweight.contiguous()
+        self.out_features, self.in_features = qweight.shape
+        self.scales = scales.float().contiguous()  # applied in fp32 after the kernel (bf16 would round them)
+        self._ones = torch.ones(self.out_features, dtype=KERNEL_DTYPE, device=qweight.device)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        flat = _flat(x)
+        if flat.shape[0] >= DEQUANT_ROWS:
+            out = F.linear(flat, self.dequantize().to(x.dtype))
+        else:
+            out = torch.ops.aten._weight_int8pack_mm(flat.to(KERNEL_DTYPE), self.qweight, self._ones)
+            out = out.to(x.dtype).mul_(self.scales.to(x.dtype))
+        return _add_bias(out, bias).view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        return reference_dequantize("int8", {"qweight": self.qweight, "scales": self.scales})
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `ids` of the matrix (an embedding lookup): [..., K]."""
+        return self.qweight[ids].to(dtype) * self.scales[ids, None].to(dtype)
+
+    def nbytes(self) -> int:
+        return self.qweight.numel() + self.scales.numel() * 4
+
+
+class TorchInt4(QuantMatrix):
+    """w = q * scale + min per group of `group_size` along K, packed once into torch's CPU int4 layout.
+
+    That layout (read off `_convert_weight_to_int4pack_for_cpu` on AVX2; the start-up probe checks it and
+    keeps every chunk on the int4 kernel where it differs): blocks of BLOCK_N output rows; block b holds
+    bytes [K, 16], byte [k, j] = q[32b + j, k] | q[32b + 16 + j, k] << 4. `dequantize` reads it back for
+    long prefill chunks."""
+
+    BLOCK_N = 32
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                 dequant_rows: int = DEQUANT_ROWS) -> None:
+        self.dequant_rows = dequant_rows
+        q = unpack_int4(qweight).to(torch.int32)  # [N, K]
+        self.out_features, self.in_features = q.shape
+        self.group_size = group_size
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_PACK_TILES)
+        zeros = mins.float() + INT4_MIDPOINT * scales.float()
+        # [K / group, N, 2]: (scale, zero) as the kernel reads them
+        self.scales_zeros = torch.stack((scales.float(), zeros), dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        flat = _flat(x)
+        if flat.shape[0] >= self.dequant_rows:
+            out = F.linear(flat, self.dequantize().to(x.dtype))
+        else:
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat.to(KERNEL_DTYPE), self.packed, self.group_size, self.scales_zeros).to(x.dtype)
+        return _add_bias(out, bias).view(*x.shape[:-1], self.out_features)
+
+    def dequantize(self) -> torch.Tensor:
+        rows, cols = self.out_features, self.in_features
+        blocks = self.packed.view(rows // self.BLOCK_N, cols, self.BLOCK_N // 2)
+        q = torch.cat((blocks & 0xF, blocks >> 4), dim=-1).transpose(1, 2).reshape(rows, cols)
+        sz = self.scales_zeros.float()  # [K / g, N, 2]
+        scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # [N, K / g, 1]
+        w = (q.view(rows, cols // self.group_size, self.group_size).float() - INT4_MIDPOINT) * scale + zero
+        return w.view(rows, cols)
+
+    def nbytes(self) -> int:
+        return self.packed.numel() + self.scales_zeros.numel() * self.scales_zeros.element_size()
+
+
+class BnbMatrix(QuantMatrix):
+    """A bitsandbytes layer (Linear4bit NF4/FP4, or Linear8bitLt on CUDA) made from a full-precision weight,
+    built exactly as `training qlora` builds its base (Params4bit defaults: blocksize 64, double
+    quantization of the scales), so a QLoRA adapter sees the numbers it was trained on."""
+
+    def __init__(self, weight: torch.Tensor, mode: str, device: torch.device, compute_dtype: torch.dtype) -> None:
+        import bitsandbytes as bnb
+
+        self.out_features, self.in_features = weight.shape
+        self.mode = mode
+        if mode == "llm_int8":
+            layer = bnb.nn.Linear8bitLt(self.in_features, self.out_features, bias=False, has_fp16_weights=False,
+                                        threshold=LLM_INT8_THRESHOLD)
+            layer.weight = bnb.nn.Int8Params(weight.detach().to(torch.float16), requires_grad=False,
+                                             has_fp16_weights=False)
+        else:
+            layer = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=False, compute_dtype=compute_dtype,
+                                      quant_type=mode)
+            layer.weight = bnb.nn.Params4bit(weight.detach().float(), requires_grad=False, quant_type=mode)
+            layer.support_avx512bf16_for_cpu = False  # the kernel training used (training/methods/qlora.py)
+        self.layer = layer.to(device).eval().requires_grad_(False)  # quantizes on this move
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return _add_bias(self.layer(x).to(x.dtype), bias)
+
+    def dequantize(self) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        weight = self.layer.weight
+        if self.mode == "llm_int8":
+            return (weight.CB.float() * weight.SCB.float()[:, None] / 127).float()
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+
+    def nbytes(self) -> int:
+        weight = self.layer.weight
+        total = weight.data.numel() * weight.data.element_size()
+        state = getattr(weight, "quant_state", None)
+        if state is not None:
+            total += state.absmax.numel() * state.absmax.element_size()
+            if state.state2 is not None:
+                total += state.state2.absmax.numel() * state.state2.absmax.element_size() + state.state2.code.numel() * 4
+        if getattr(weight, "SCB", None) is not None:
+            total += weight.SCB.numel() * weight.SCB.element_size()
+        return total
+
+
+LLM_INT8_THRESHOLD = 6.0  # bitsandbytes' outlier threshold (LLM.int8 paper and HF's default)
+
+
+@dataclass(frozen=True)
+class QuantKernels:
+    """The quantized-matrix makers of one mode on one device, chosen once (see the module docstring).
+
+    `from_checkpoint` turns a checkpoint's int8/int4 tensors into matrices (None: this mode does not
+    read checkpoints); `from_weight` quantizes a full-precision weight itself (bitsandbytes)."""
+
+    quant: str
+    kind: str  # "torch" (int8 / int4 tensors from adapters.quantized) or "bnb"
+    bnb_mode: str = ""  # "nf4" | "fp4" | "llm_int8"
+    int4_dequant_rows: int = DEQUANT_ROWS  # NO_DEQUANT where the probe found another int4 layout
+
+    @property
+    def reads_checkpoints(self) -> bool:
+        return self.kind == "torch"
+
+    def from_checkpoint(self, kind: str, tensors: dict[str, torch.Tensor], group_size: int) -> QuantMatrix:
+        if kind == "int8":
+            return TorchInt8(tensors["qweight"], tensors["scales"])
+        return TorchInt4(tensors["qweight"], tensors["scales"], tensors["mins"], group_size, self.int4_dequant_rows)
+
+    def from_weight(self, weight: torch.Tensor, device: torch.device, compute_dtype: torch.dtype) -> QuantMatrix:
+        return BnbMatrix(weight, self.bnb_mode, device, compute_dtype)
+
+
+class QuantUnavailableError(ValueError):
+    """This machine cannot run the quantization mode asked for (a user error: one line at start-up)."""
+
+
+QUANT_MODES = ("none", "int8", "int4", "nf4", "fp4")
+
+
+def quant_kernels_for(device: torch.device, quant: str) -> QuantKernels | None:
+    """The kernels of `quant` on `device`, checked on a small probe; QuantUnavailableError if they don't run."""
+    if quant == "none":
+        return None
+    if quant not in QUANT_MODES:
+        raise QuantUnavailableError(f"--quant must be one of {', '.join(QUANT_MODES)}, got {quant!r}")
+    if device.type == "cuda":
+        mode = {"int8": "llm_int8", "int4": "nf4"}.get(quant, quant)
+        kernels = QuantKernels(quant, "bnb", mode)
+    elif quant in ("nf4", "fp4"):
+        kernels = QuantKernels(quant, "bnb", quant)
+    else:
+        kernels = QuantKernels(quant, "torch")
+    if not _probe(kernels, device):
+        kernels = dataclasses.replace(kernels, int4_dequant_rows=NO_DEQUANT)
+    return kernels
+
+
+PROBE_SHAPE = (128, 64)  # out, in: a multiple of every kernel's blocks
+PROBE_GROUP = 32
+LAYOUT_TOLERANCE = 0.02  # of the probe matrix's largest value
+PROBE_TOLERANCE = 0.05  # relative to the output's scale: the probe checks the kernel runs and agrees
+
+
+NO_DEQUANT = 1 << 62
+
+
+def _probe(kernels: QuantKernels, device: torch.device) -> bool:
+    """Run the mode's kernel once on a random matrix against the reference dequantized weight; returns
+    whether `dequantize()` reads the kernel's layout back exactly (always true but for int4)."""
+    from adapters.quantized import quantize_int4, quantize_int8
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(*PROBE_SHAPE, generator=generator)
+    x = torch.randn(3, PROBE_SHAPE[1], generator=generator)
+    try:
+        reference = None
+        if kernels.kind == "bnb":
+            matrix = kernels.from_weight(weight.to(device), device, torch.float32)
+        elif kernels.quant == "int8":
+            matrix = kernels.from_checkpoint("int8", quantize_int8(weight), PROBE_GROUP)
+        else:
+            tensors = quantize_int4(weight, PROBE_GROUP)
+            matrix = dataclasses.replace(kernels, int4_dequant_rows=NO_DEQUANT).from_checkpoint("int4", tensors, PROBE_GROUP)
+            reference = reference_dequantize("int4", tensors, PROBE_GROUP)
+        got = matrix.matmul(x.to(device), None).float().cpu()
+        expected = x @ (reference if reference is not None else matrix.dequantize().float().cpu()).t()
+    except ImportError as exc:
+        raise QuantUnavailableError(f"--quant {kernels.quant} needs bitsandbytes on {device.type} "
+                                    f"(pip install 'loraplex[qlora]'): {exc}") from exc
+    except (RuntimeError, NotImplementedError, AttributeError) as exc:
+        raise QuantUnavailableError(f"--quant {kernels.quant} does not run on this {device.type} "
+                                    f"with torch {torch.__version__}: {str(exc).splitlines()[0]}") from exc
+    error = (got - expected).abs().max().item() / expected.abs().max().item()
+    if error > PROBE_TOLERANCE:
+        raise QuantUnavailableError(f"--quant {kernels.quant}: this machine's kernel disagrees with the reference "
+                                    f"(relative error {error:.3f}); serve with --quant none")
+    # the kernel's scales and zeros are bf16: a wrong layout errs by whole quantization levels, not by that
+    return reference is None or bool((matrix.dequantize() - reference).abs().max() <= LAYOUT_TOLERANCE * reference.abs().max())
+
+
+QuantLinearFn = Callable[[torch.Tensor, QuantMatrix, torch.Tensor | None], torch.Tensor]
+
+
+def quant_linear(x: torch.Tensor, matrix: QuantMatrix, bias: torch.Tensor | None) -> torch.Tensor:
+    """The LinearFn of a quantized base: x @ dequant(W).T + bias, by the matrix's own kernel."""
+    return matrix.matmul(x, bias)
