@@ -155,19 +155,25 @@ def test_a_quantized_base_keeps_no_full_precision_weights(quant_base):
     assert base.weight_bytes < 0.3 * full, (quant, base.weight_bytes, full)
 
 
-def test_a_quantized_folder_loads_without_quantizing_again_and_only_with_its_flag(tiny_llama_dir, cache_dir, tmp_path):
+@pytest.fixture(scope="module")
+def int4_folder(tiny_llama_dir, cache_dir, tmp_path_factory) -> Path:
+    """A base-only int4 checkpoint of the tiny Llama, as `training export --format int4 --base-only` lays it out."""
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     prepared = resolve_base(str(tiny_llama_dir), cache_dir)
-    folder = tmp_path / "int4-base"
-    folder.mkdir()
+    folder = tmp_path_factory.mktemp("int4-base")
     model.config.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tiny_llama_dir / name).is_file():
             (folder / name).write_bytes((tiny_llama_dir / name).read_bytes())
     save_quantized(folder, model, quantize_model(model, "int4", source_name=prepared.name,
                                                   source_fingerprint=prepared.fingerprint))
-    assert json.loads((folder / "quantization.json").read_text())["method"] == "int4"
-    from_folder = resolve_base(str(folder), cache_dir)
+    return folder
+
+
+def test_a_quantized_folder_loads_without_quantizing_again_and_only_with_its_flag(tiny_llama_dir, cache_dir, int4_folder):
+    prepared = resolve_base(str(tiny_llama_dir), cache_dir)
+    assert json.loads((int4_folder / "quantization.json").read_text())["method"] == "int4"
+    from_folder = resolve_base(str(int4_folder), cache_dir)
     assert from_folder.fingerprint == prepared.fingerprint  # a base-only export takes the base's adapters
     served = load_base(from_folder, choose_backend("cpu", "float32", "int4"), lora_slots=2)
     in_memory = load_base(prepared, choose_backend("cpu", "float32", "int4"), lora_slots=2)
@@ -197,12 +203,18 @@ def test_a_qlora_adapter_on_the_nf4_base_equals_peft_on_the_bitsandbytes_base_it
     torch.testing.assert_close(got[1], plain, atol=EXACT, rtol=EXACT)
 
 
-def test_merge_on_a_quantized_base_and_bad_quant_flags_are_one_line_at_start_up(tiny_llama_dir, capsys):
-    from server.cli import main
+def test_merge_on_a_quantized_base_and_bad_quant_flags_are_one_line_at_start_up(tiny_llama_dir, int4_folder, capsys,
+                                                                                 monkeypatch):
+    from server import cli
 
-    assert main(["serve", "--base", str(tiny_llama_dir), "--quant", "int8", "--merge"]) == 2
+    monkeypatch.setattr(cli, "_leave_cores_to_workers", lambda: None)  # the test process keeps its threads
+    assert cli.main(["serve", "--base", str(tiny_llama_dir), "--quant", "int8", "--merge"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "--merge with --quant int8" in err and "\n" not in err
+    assert cli.main(["serve", "--base", str(int4_folder), "--quant", "int8", "--port", "0"]) == 2  # never serves
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "start it with --quant int4" in err and "\n" not in err
+    main = cli.main
     with pytest.raises(SystemExit):  # argparse refuses a mode that does not exist
         main(["serve", "--quant", "int3"])
 
@@ -237,3 +249,25 @@ def test_cuda_quantized_base_with_lora_equals_its_own_dequantized_weights(quant,
     model.load_state_dict(dequantized, strict=False)
     expected = _last_logits(PeftModel.from_pretrained(model, tiny_adapters["alpha"]).eval(), ids)
     assert _relative_error(got, expected) < CUDA_TOLERANCE
+
+
+def test_classification_adapters_on_an_int8_encoder_base_equal_the_dequantized_reference(tiny_bert_dir, tiny_classifiers,
+                                                                                         cache_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from server.engine.classify import classify_rows
+
+    base = load_base(resolve_base(str(tiny_bert_dir), cache_dir), choose_backend("cpu", "float32", "int8"))
+    assert isinstance(base.model.get_input_embeddings(), QuantEmbedding)
+    loaded = {n: load_folder(f, base, n) for n, f in tiny_classifiers.items()}
+    texts = ["a fine film", "dull and far too long", "not bad at all"]
+    names = ["two", "three", "two"]
+    results = classify_rows(base, texts, [loaded[n] for n in names], max_length=32)
+    for text, result, name in zip(texts, results, names):
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, num_labels=len(loaded[name].head.labels))
+        model.load_state_dict(dequantized_state_dict(quantize_model(model, "int8")), strict=False)
+        reference = PeftModel.from_pretrained(model, tiny_classifiers[name]).eval()
+        with torch.no_grad():
+            logits = reference(**base.tokenizer([text], return_tensors="pt")).logits[0]
+        probs = torch.softmax(logits, dim=-1)
+        assert (torch.tensor(list(result.probs.values())) - probs).abs().max() < BF16_TOLERANCE, name
