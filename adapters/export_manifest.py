@@ -1,7 +1,8 @@
 """Export folders: a base with one adapter merged in, written by `training export`, read by the server.
 
 An export folder is a self-contained model, not an adapter: `config.json`, the tokenizer, and either
-merged safetensors weights (format "merged") or one ONNX graph (format "onnx"), plus
+merged safetensors weights (format "merged"), one ONNX graph (format "onnx"), or a quantized base
+checkpoint (formats "int8" / "int4": `quantized.safetensors` + `quantization.json`, adapters.quantized), plus
 `export_manifest.json` (which base, which adapter, which export settings, the labels, the parity
 figures and every file's hash) and `parity.json` (the full parity report). The manifest is written
 last, so a folder without one is not an export.
@@ -18,13 +19,15 @@ from typing import Any
 from adapters.errors import AdapterFormatError
 from adapters.json_file import read_json_object
 from adapters.manifest import TASKS, check_hashes, hash_files
+from adapters.quantized import QUANT_METHODS, QUANT_WEIGHTS_FILE
 
 EXPORT_MANIFEST_FILE = "export_manifest.json"
 EXPORT_MANIFEST_VERSION = 1
 PARITY_FILE = "parity.json"
 ONNX_MODEL_FILE = "model.onnx"
-EXPORT_FORMATS = ("merged", "onnx")
-QUANTIZATIONS = ("none", "int8")
+QUANTIZED_FORMATS = QUANT_METHODS  # "int8", "int4": a quantized base checkpoint, adapter merged or base alone
+EXPORT_FORMATS = ("merged", "onnx", *QUANTIZED_FORMATS)
+QUANTIZATIONS = ("none", *QUANT_METHODS)
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,10 @@ class ExportManifest:
     adapter_name: str  # the adapter folder's name when it was exported
     adapter_digest: str  # sha256 over the adapter's config, weights and manifest (adapters.folder_digest)
     adapter_rank: int = 0  # the adapter's largest LoRA rank (informational)
-    quantize: str = "none"  # one of QUANTIZATIONS; "int8": the ONNX graph's matmuls hold int8 weights
+    # one of QUANTIZATIONS; onnx "int8": the graph's matmuls hold int8 weights; an int8 / int4 export's own method
+    quantize: str = "none"
     labels: tuple[str, ...] = ()  # classification: index -> label, as in config.json's id2label
-    model_file: str = ""  # the ONNX graph a runtime loads ("" for a merged folder)
+    model_file: str = ""  # the ONNX graph or quantized weights a runtime loads ("" for a merged folder)
     settings: dict[str, Any] = field(default_factory=dict)  # exporter task, opset, library versions, quantizer
     parity: dict[str, Any] = field(default_factory=dict)  # headline figures; parity.json has the full report
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
@@ -56,6 +60,13 @@ class ExportManifest:
             raise AdapterFormatError(f"export quantize must be one of {QUANTIZATIONS}, got {self.quantize!r}")
         if self.format == "onnx" and not self.model_file:
             raise AdapterFormatError(f"an onnx export must name its model_file in {EXPORT_MANIFEST_FILE}")
+        if self.format in QUANTIZED_FORMATS and (self.quantize != self.format or self.model_file != QUANT_WEIGHTS_FILE):
+            raise AdapterFormatError(f"an {self.format} export must say quantize {self.format!r} and model_file "
+                                     f"{QUANT_WEIGHTS_FILE!r} in {EXPORT_MANIFEST_FILE}")
+        if self.quantize not in ("none", self.format) and self.format != "onnx":
+            raise AdapterFormatError(f"quantize {self.quantize!r} does not apply to a {self.format} export")
+        if self.format == "onnx" and self.quantize not in ("none", "int8"):
+            raise AdapterFormatError(f"an onnx export's quantize is 'none' or 'int8', got {self.quantize!r}")
         if self.format_version > EXPORT_MANIFEST_VERSION:
             raise AdapterFormatError(
                 f"{EXPORT_MANIFEST_FILE} format_version {self.format_version} is newer than this build understands"

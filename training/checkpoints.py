@@ -14,6 +14,7 @@ its adapter, its checkpoints are of no further use and are removed.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -33,6 +34,7 @@ KEEP_LAST = 2  # the newest two: one to fall back on should the newest be damage
 FORMAT_VERSION = 1
 # Fields a resumed run may change: none of them alters the weights' trajectory.
 RESUME_FREE_FIELDS = ("resume", "out", "checkpoint_every", "eval_batch_size")
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
 def checkpoint_root(out: Path) -> Path:
@@ -97,6 +99,7 @@ def find_resume_checkpoint(config: TrainConfig) -> Path | None:
 def check_same_run(saved: dict[str, Any], config: TrainConfig, where: Path) -> None:
     """Refuse to resume with settings that would change the run (data, seed, lr, steps, ...)."""
     now = config.to_manifest()
+    saved = {**FIELD_DEFAULTS, **saved}  # a field added since the checkpoint was written: it ran with the default
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUME_FREE_FIELDS and saved.get(k) != now.get(k))
     if changed:
         details = "; ".join(f"{k}: {saved.get(k)!r} then, {now.get(k)!r} now" for k in changed)

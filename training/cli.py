@@ -112,20 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_export_parser(commands: argparse._SubParsersAction) -> None:
     from training.export.options import (DEFAULT_PARITY_PROMPTS, DEFAULT_PARITY_ROWS, DEFAULT_PARITY_TOKENS,
-                                          FORMATS, QUANTIZE)
+                                          DEFAULT_PERPLEXITY_TOKENS, FORMATS, QUANTIZE)
 
     export = commands.add_parser(
-        "export", help="write a base with one adapter merged in as a merged HF folder or an ONNX model",
+        "export", help="write a base with one adapter merged in as a merged HF folder, an ONNX model or an "
+                       "INT8/INT4 quantized checkpoint",
         description="Merge an adapter into its base and write an export folder (model, tokenizer, labels, "
                     "export_manifest.json, parity.json). The folder appears only once complete.")
     export.add_argument("adapter_dir", type=Path,
                         help="a training run's folder: lora (DoRA too), qlora, ia3, freeze or full (prompt learning "
                              "has no weights to merge); a stock PEFT folder needs --base")
     export.add_argument("--format", choices=FORMATS, default="onnx",
-                        help="merged: HF folder with the adapter folded in; onnx: one ONNX graph (default)")
+                        help="merged: HF folder with the adapter folded in; onnx: one ONNX graph (default); int8 / "
+                             "int4: a quantized base checkpoint (quantized.safetensors + quantization.json) that "
+                             "`server serve --base DIR` loads as it is")
     export.add_argument("--out", type=Path, required=True, help="export folder to write (replaced atomically)")
     export.add_argument("--quantize", choices=QUANTIZE, default="none",
                         help="int8: 8-bit weights and int8 matmuls in the ONNX graph (onnx format only)")
+    export.add_argument("--base-only", action="store_true",
+                        help="int8/int4: quantize the base alone, without the adapter (ADAPTER_DIR names the base)")
     export.add_argument("--base", help="base name or path (default: the manifest's base)")
     export.add_argument("--data", help="rows for the parity report (default: the adapter's own held-out rows)")
     export.add_argument("--parity-rows", type=int, default=DEFAULT_PARITY_ROWS,
@@ -134,6 +139,9 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
                         help=f"completion prompts decoded greedily (default: {DEFAULT_PARITY_PROMPTS})")
     export.add_argument("--parity-tokens", type=int, default=DEFAULT_PARITY_TOKENS,
                         help=f"new tokens per parity prompt (default: {DEFAULT_PARITY_TOKENS})")
+    export.add_argument("--perplexity-tokens", type=int, default=DEFAULT_PERPLEXITY_TOKENS,
+                        help="int8/int4 completion: held-out text tokens scored for perplexity and next-token "
+                             f"agreement (default: {DEFAULT_PERPLEXITY_TOKENS})")
     export.add_argument("--opset", type=int, help="ONNX opset (default: optimum's choice)")
     export.add_argument("--threads", type=int, default=0, help="onnxruntime threads for the parity runs (0: all)")
     export.add_argument("--cache-dir", type=Path, help="where prepared bases are cached")
@@ -143,7 +151,8 @@ def _export(args: argparse.Namespace) -> dict[str, Any]:
     from training.export.options import ExportOptions
 
     values = {k: getattr(args, k) for k in ("base", "data", "parity_rows", "parity_prompts", "parity_tokens",
-                                            "opset", "threads", "cache_dir") if getattr(args, k) is not None}
+                                            "perplexity_tokens", "opset", "threads", "cache_dir", "base_only")
+              if getattr(args, k) is not None}
     options = ExportOptions(adapter_dir=args.adapter_dir, out=args.out, format=args.format, quantize=args.quantize,
                             **values)  # checked (and refused) before torch and optimum load
     from training.export.runner import export_adapter

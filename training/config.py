@@ -29,6 +29,7 @@ TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off"
 CACHE_ENV = "LORAPLEX_CACHE"
 DEFAULT_CACHE = Path.home() / ".cache" / "loraplex"
 QUANT_TYPES = ("nf4", "fp4")  # bitsandbytes 4-bit formats for qlora
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")  # torch's AdamW; bitsandbytes' 8-bit ones (training.loop)
 DEFAULT_FREEZE_LAST_K = 2
 # Which methods read each `# method options` field: setting one for another method is refused, not ignored.
 METHOD_OPTION_USERS = {
@@ -102,6 +103,9 @@ class TrainConfig:
         "write a resumable checkpoint (weights, optimizer, schedule, RNG) every N steps into OUT.checkpoints/ (0: off)"))
     resume: str = field(default="", metadata=_help(
         f"continue an interrupted run: {RESUME_LATEST!r} (newest checkpoint in OUT.checkpoints/) or a checkpoint folder"))
+    optim: str = field(default="adamw", metadata=_help(
+        "optimizer: adamw (torch); adamw_8bit (bitsandbytes: AdamW with 8-bit moment estimates, CPU or CUDA); "
+        "paged_adamw_8bit (the same, its state paged out of GPU memory under pressure: CUDA only)"))
 
     # method options: read by training/methods/ (which method reads which: METHOD_OPTION_USERS)
     use_rslora: bool = field(default=False, metadata=_help(
@@ -155,6 +159,7 @@ class TrainConfig:
         """The `# mechanics` fields (a bool given as text, e.g. "true" from a hand-edited manifest, becomes a bool)."""
         object.__setattr__(self, "gradient_checkpointing", _as_bool("gradient_checkpointing", self.gradient_checkpointing))
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("optim", self.optim, OPTIMIZERS)
         _check_choice("early_stopping_metric", self.early_stopping_metric, WATCHED_METRICS)
         for name in ("eval_every", "early_stopping_patience", "checkpoint_every"):
             value = getattr(self, name)

@@ -2,7 +2,8 @@
 
 One optimizer step = `grad_accum_steps` micro-batches, each loss divided by that count so the summed
 gradient is their mean; then the global gradient norm is clipped, AdamW steps, and the learning rate
-follows linear warm-up and the configured decay. The task supplies the rows, a loss function and, for
+follows linear warm-up and the configured decay. The optimizer is torch's AdamW or bitsandbytes' 8-bit
+AdamW (paged on CUDA), per `optim`. The task supplies the rows, a loss function and, for
 validation during training, an evaluation (`Validation`).
 
 The `# mechanics` of TrainConfig:
@@ -129,13 +130,34 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: decaying biases and norms only pulls them to 0 for nothing."""
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (config.optim's) with weight decay on matrices only: decaying biases and norms only pulls them
+    to 0 for nothing."""
     params = trainable_parameters(model)
     decayed = [p for p in params if p.dim() >= 2]
     plain = [p for p in params if p.dim() < 2]
     groups = [{"params": decayed, "weight_decay": config.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    device = params[0].device if params else torch.device("cpu")
+    return optimizer_class(config.optim, device)([g for g in groups if g["params"]], lr=config.lr)
+
+
+def optimizer_class(optim: str, device: torch.device) -> type[torch.optim.Optimizer]:
+    """The optimizer class for TrainConfig.optim on `device`, or a ConfigError when it cannot run there.
+
+    bitsandbytes 0.50 runs AdamW8bit on CPU (8-bit moments, blockwise quantized; a tensor under
+    bitsandbytes' min_8bit_size, 4,096 values, keeps 32-bit state). Its PagedAdamW8bit on CPU only warns and
+    falls back to the unpaged optimizer: refused here, rather than run as something else than asked.
+    """
+    if optim == "adamw":
+        return torch.optim.AdamW
+    if optim == "paged_adamw_8bit" and device.type != "cuda":
+        raise ConfigError(f"optim paged_adamw_8bit needs a CUDA device; this run trains on {device.type}, where "
+                          "bitsandbytes has no paged optimizer (it would silently run unpaged): use --optim adamw_8bit")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise ConfigError(f"optim {optim} needs bitsandbytes (pip install 'loraplex[qlora]'): {exc}") from exc
+    return bnb.optim.PagedAdamW8bit if optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
 
 
 def watched_metric(config: TrainConfig, task: str) -> tuple[str, bool]:

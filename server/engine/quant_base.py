@@ -25,7 +25,7 @@ from torch import nn
 
 from adapters.quantized import QuantConfig, QuantizedWeights, load_quantized
 from server.engine.lora_layer import LoraLinear
-from server.engine.quant_kernels import QuantKernels, QuantMatrix, TorchInt8
+from server.engine.quant_kernels import QuantKernels, QuantMatrix
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,10 @@ class QuantLoadError(ValueError):
 
 
 class QuantEmbedding(nn.Module):
-    """An embedding table held int8 (one scale per token row); a head tied to it reads the same matrix."""
+    """An embedding table held int8 (TorchInt8 or TorchInt8Channel: anything with `rows`); a head tied to it
+    reads the same matrix."""
 
-    def __init__(self, matrix: TorchInt8, dtype: torch.dtype, padding_idx: int | None) -> None:
+    def __init__(self, matrix: QuantMatrix, dtype: torch.dtype, padding_idx: int | None) -> None:
         super().__init__()
         self.matrix = matrix
         self.dtype = dtype

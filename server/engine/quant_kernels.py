@@ -26,6 +26,7 @@ a scratch fp32 buffer and run one fp32 matmul instead (one matrix at a time: not
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -34,6 +35,8 @@ import torch.nn.functional as F
 
 from adapters.quantized import dequantize as reference_dequantize
 from adapters.quantized import unpack_int4
+
+log = logging.getLogger(__name__)
 
 KERNEL_DTYPE = torch.bfloat16  # the activations the torch int8/int4 CPU kernels are fast on
 DEQUANT_ROWS = 256  # rows (tokens) from which a dequantize + fp32 matmul beats the int kernels on CPU
@@ -60,8 +63,9 @@ def _add_bias(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return out if bias is None else out.add_(bias)
 
 
-class TorchInt8(QuantMatrix):
-    """w = qweight * scales[:, None]; int8 [N, K], scales [N] (the checkpoint's own layout)."""
+class TorchInt8Channel(QuantMatrix):
+    """w = qweight * scales[:, None]; int8 [N, K], scales [N]: torch's `_weight_int8pack_mm`, for matrices
+    whose shapes do not divide into the group kernels' blocks."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor) -> None:
         self.qweight = qweight.contiguous()
@@ -79,7 +83,7 @@ class TorchInt8(QuantMatrix):
         return _add_bias(out, bias).view(*x.shape[:-1], self.out_features)
 
     def dequantize(self) -> torch.Tensor:
-        return reference_dequantize("int8", {"qweight": self.qweight, "scales": self.scales})
+        return reference_dequantize("int8_channel", {"qweight": self.qweight, "scales": self.scales})
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Rows `ids` of the matrix (an embedding lookup): [..., K]."""
@@ -89,47 +93,118 @@ class TorchInt8(QuantMatrix):
         return self.qweight.numel() + self.scales.numel() * 4
 
 
-class TorchInt4(QuantMatrix):
-    """w = q * scale + min per group of `group_size` along K, packed once into torch's CPU int4 layout.
+class PackedInt4:
+    """q [N, K] in [0, 15] with one (scale, zero) per group, packed once for `_weight_int4pack_mm_for_cpu`,
+    which computes x @ ((q - 8) * scale + zero).T.
 
-    That layout (read off `_convert_weight_to_int4pack_for_cpu` on AVX2; the start-up probe checks it and
-    keeps every chunk on the int4 kernel where it differs): blocks of BLOCK_N output rows; block b holds
-    bytes [K, 16], byte [k, j] = q[32b + j, k] | q[32b + 16 + j, k] << 4. `dequantize` reads it back for
-    long prefill chunks."""
+    The packed layout (read off `_convert_weight_to_int4pack_for_cpu` on AVX2; the start-up probe checks
+    it, see `quant_kernels_for`): blocks of BLOCK_N output rows; block b holds bytes [K, 16], byte [k, j] =
+    q[32b + j, k] | q[32b + 16 + j, k] << 4. `values` reads rows back from it (embedding lookups, long
+    prefill chunks); where the layout differs, the kernels keep q itself instead (`layout_known`)."""
 
     BLOCK_N = 32
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
-                 dequant_rows: int = DEQUANT_ROWS) -> None:
-        self.dequant_rows = dequant_rows
-        q = unpack_int4(qweight).to(torch.int32)  # [N, K]
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 layout_known: bool) -> None:
         self.out_features, self.in_features = q.shape
         self.group_size = group_size
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_PACK_TILES)
-        zeros = mins.float() + INT4_MIDPOINT * scales.float()
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), INT4_PACK_TILES)
         # [K / group, N, 2]: (scale, zero) as the kernel reads them
-        self.scales_zeros = torch.stack((scales.float(), zeros), dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+        self.scales_zeros = torch.stack((scales.float(), zeros.float()), dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
+        self.kept_q = None if layout_known else q.to(torch.uint8).contiguous()
+
+    def mm(self, flat: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N] in bf16
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(KERNEL_DTYPE), self.packed, self.group_size,
+                                                          self.scales_zeros)
+
+    def values(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """fp32 (q - 8) * scale + zero of rows `ids` ([..., K]), or of the whole matrix ([N, K])."""
+        rows, cols = self.out_features, self.in_features
+        flat_ids = None if ids is None else ids.reshape(-1)
+        if self.kept_q is not None:
+            q = self.kept_q if flat_ids is None else self.kept_q[flat_ids]
+        elif flat_ids is None:
+            blocks = self.packed.view(rows // self.BLOCK_N, cols, self.BLOCK_N // 2)
+            q = torch.cat((blocks & 0xF, blocks >> 4), dim=-1).transpose(1, 2).reshape(rows, cols)
+        else:
+            blocks = self.packed.view(rows // self.BLOCK_N, cols, self.BLOCK_N // 2)
+            half = self.BLOCK_N // 2
+            byte = blocks[flat_ids // self.BLOCK_N, :, flat_ids % half]  # [n, K]
+            q = torch.where(((flat_ids % self.BLOCK_N) >= half)[:, None], byte >> 4, byte & 0xF)
+        sz = self.scales_zeros.float()  # [K / g, N, 2]
+        if flat_ids is not None:
+            sz = sz[:, flat_ids]
+        scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # [n, K / g, 1]
+        n = q.shape[0]
+        w = (q.view(n, cols // self.group_size, self.group_size).float() - INT4_MIDPOINT) * scale + zero
+        w = w.view(n, cols)
+        return w if ids is None else w.view(*ids.shape, cols)
+
+    def nbytes(self) -> int:
+        kept = 0 if self.kept_q is None else self.kept_q.numel()
+        return self.packed.numel() + self.scales_zeros.numel() * self.scales_zeros.element_size() + kept
+
+
+class _GroupKernel(QuantMatrix):
+    """Shared by the group-wise kinds: the packed parts' sum is the matrix."""
+
+    parts: tuple[PackedInt4, ...]
+    dequant_rows: int
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         flat = _flat(x)
         if flat.shape[0] >= self.dequant_rows:
             out = F.linear(flat, self.dequantize().to(x.dtype))
         else:
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                flat.to(KERNEL_DTYPE), self.packed, self.group_size, self.scales_zeros).to(x.dtype)
+            out = self.parts[0].mm(flat).to(x.dtype)
+            for part in self.parts[1:]:
+                out.add_(part.mm(flat).to(x.dtype))
         return _add_bias(out, bias).view(*x.shape[:-1], self.out_features)
 
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        out = self.parts[0].values(ids)
+        for part in self.parts[1:]:
+            out = out + part.values(ids)
+        return out.to(dtype)
+
     def dequantize(self) -> torch.Tensor:
-        rows, cols = self.out_features, self.in_features
-        blocks = self.packed.view(rows // self.BLOCK_N, cols, self.BLOCK_N // 2)
-        q = torch.cat((blocks & 0xF, blocks >> 4), dim=-1).transpose(1, 2).reshape(rows, cols)
-        sz = self.scales_zeros.float()  # [K / g, N, 2]
-        scale, zero = sz[..., 0].t()[..., None], sz[..., 1].t()[..., None]  # [N, K / g, 1]
-        w = (q.view(rows, cols // self.group_size, self.group_size).float() - INT4_MIDPOINT) * scale + zero
-        return w.view(rows, cols)
+        out = self.parts[0].values()
+        for part in self.parts[1:]:
+            out = out + part.values()
+        return out
 
     def nbytes(self) -> int:
-        return self.packed.numel() + self.scales_zeros.numel() * self.scales_zeros.element_size()
+        return sum(part.nbytes() for part in self.parts)
+
+
+class TorchInt4(_GroupKernel):
+    """w = q * scale + min per group of `group_size` along K: one packed int4 matrix, zero = min + 8 * scale."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                 dequant_rows: int = DEQUANT_ROWS, layout_known: bool = True) -> None:
+        q = unpack_int4(qweight)
+        self.out_features, self.in_features = q.shape
+        self.dequant_rows = dequant_rows
+        zeros = mins.float() + INT4_MIDPOINT * scales.float()
+        self.parts = (PackedInt4(q, scales, zeros, group_size, layout_known),)
+
+
+class TorchInt8(_GroupKernel):
+    """w = q * scale + min per group, q in [0, 255], as two int4 matrices: q = 16 * hi + lo, so
+    w = ((hi - 8) * 16 scale + min + 136 scale) + ((lo - 8) * scale + 0). Two calls of the int4 kernel
+    (torch has no group-wise int8 kernel; its int8 one takes one scale per row, see adapters/quantized.py
+    for what that cost in agreement)."""
+
+    HI_ZERO = 16 * INT4_MIDPOINT + INT4_MIDPOINT  # 136: the two parts' midpoints, folded into the high zero
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group_size: int,
+                 dequant_rows: int = DEQUANT_ROWS, layout_known: bool = True) -> None:
+        self.out_features, self.in_features = qweight.shape
+        self.dequant_rows = dequant_rows
+        scales = scales.float()
+        hi = PackedInt4(qweight >> 4, 16 * scales, mins.float() + self.HI_ZERO * scales, group_size, layout_known)
+        lo = PackedInt4(qweight & 0xF, scales, torch.zeros_like(scales), group_size, layout_known)
+        self.parts = (hi, lo)
 
 
 class BnbMatrix(QuantMatrix):
@@ -191,16 +266,17 @@ class QuantKernels:
     quant: str
     kind: str  # "torch" (int8 / int4 tensors from adapters.quantized) or "bnb"
     bnb_mode: str = ""  # "nf4" | "fp4" | "llm_int8"
-    int4_dequant_rows: int = DEQUANT_ROWS  # NO_DEQUANT where the probe found another int4 layout
+    layout_known: bool = True  # False where the probe found another int4 layout: q is kept beside it
 
     @property
     def reads_checkpoints(self) -> bool:
         return self.kind == "torch"
 
     def from_checkpoint(self, kind: str, tensors: dict[str, torch.Tensor], group_size: int) -> QuantMatrix:
-        if kind == "int8":
-            return TorchInt8(tensors["qweight"], tensors["scales"])
-        return TorchInt4(tensors["qweight"], tensors["scales"], tensors["mins"], group_size, self.int4_dequant_rows)
+        if kind == "int8_channel":
+            return TorchInt8Channel(tensors["qweight"], tensors["scales"])
+        cls = TorchInt8 if kind == "int8" else TorchInt4
+        return cls(tensors["qweight"], tensors["scales"], tensors["mins"], group_size, layout_known=self.layout_known)
 
     def from_weight(self, weight: torch.Tensor, device: torch.device, compute_dtype: torch.dtype) -> QuantMatrix:
         return BnbMatrix(weight, self.bnb_mode, device, compute_dtype)
@@ -227,7 +303,9 @@ def quant_kernels_for(device: torch.device, quant: str) -> QuantKernels | None:
     else:
         kernels = QuantKernels(quant, "torch")
     if not _probe(kernels, device):
-        kernels = dataclasses.replace(kernels, int4_dequant_rows=NO_DEQUANT)
+        log.warning("torch's int4 packing differs from the layout this build reads back: the quantized "
+                    "values are kept beside the packed ones (more memory)")
+        kernels = dataclasses.replace(kernels, layout_known=False)
     return kernels
 
 
@@ -237,12 +315,9 @@ LAYOUT_TOLERANCE = 0.02  # of the probe matrix's largest value
 PROBE_TOLERANCE = 0.05  # relative to the output's scale: the probe checks the kernel runs and agrees
 
 
-NO_DEQUANT = 1 << 62
-
-
 def _probe(kernels: QuantKernels, device: torch.device) -> bool:
     """Run the mode's kernel once on a random matrix against the reference dequantized weight; returns
-    whether `dequantize()` reads the kernel's layout back exactly (always true but for int4)."""
+    whether the packed layout reads back as PackedInt4 expects (always true but for the torch kinds)."""
     from adapters.quantized import quantize_int4, quantize_int8
 
     generator = torch.Generator().manual_seed(0)
@@ -252,12 +327,10 @@ def _probe(kernels: QuantKernels, device: torch.device) -> bool:
         reference = None
         if kernels.kind == "bnb":
             matrix = kernels.from_weight(weight.to(device), device, torch.float32)
-        elif kernels.quant == "int8":
-            matrix = kernels.from_checkpoint("int8", quantize_int8(weight), PROBE_GROUP)
         else:
-            tensors = quantize_int4(weight, PROBE_GROUP)
-            matrix = dataclasses.replace(kernels, int4_dequant_rows=NO_DEQUANT).from_checkpoint("int4", tensors, PROBE_GROUP)
-            reference = reference_dequantize("int4", tensors, PROBE_GROUP)
+            tensors = (quantize_int8 if kernels.quant == "int8" else quantize_int4)(weight, PROBE_GROUP)
+            matrix = kernels.from_checkpoint(kernels.quant, tensors, PROBE_GROUP)
+            reference = reference_dequantize(kernels.quant, tensors, PROBE_GROUP)
         got = matrix.matmul(x.to(device), None).float().cpu()
         expected = x @ (reference if reference is not None else matrix.dequantize().float().cpu()).t()
     except ImportError as exc:

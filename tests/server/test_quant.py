@@ -4,6 +4,7 @@ holding the dequantized weights (adapters.quantized) with PEFT (or the freeze te
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from transformers import AutoModelForCausalLM
 from adapters import resolve_base
 from adapters.dense import TRAINED_WEIGHTS_FILE
 from adapters.quantized import (DEFAULT_GROUP_SIZE, dequantize, dequantized_state_dict, quantize_int4, quantize_int8,
-                                quantize_model, save_quantized)
+                                quantize_int8_channel, quantize_matrix, quantize_model, save_quantized)
 from server.engine.backend import choose_backend
 from server.engine.base_model import load_base
 from server.engine.batch_runner import BatchRunner, RowInput
@@ -38,28 +39,35 @@ def _relative_error(got: torch.Tensor, expected: torch.Tensor) -> float:
 
 # -- one matrix ---------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("layout_known", [True, False])
 @pytest.mark.parametrize("rows", [1, 8, DEQUANT_ROWS + 4])
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_kernel_matmul_equals_the_dequantized_reference(kind, rows):
+@pytest.mark.parametrize("kind", ["int8", "int4", "int8_channel"])
+def test_kernel_matmul_equals_the_dequantized_reference(kind, rows, layout_known):
     generator = torch.Generator().manual_seed(rows)
     weight = torch.randn(128, 96, generator=generator) * 0.05
     bias = torch.randn(128, generator=generator)
     x = torch.randn(2, rows, 96, generator=generator)
-    tensors = quantize_int8(weight) if kind == "int8" else quantize_int4(weight, DEFAULT_GROUP_SIZE)
+    tensors = quantize_matrix(kind, weight, DEFAULT_GROUP_SIZE)
     reference = dequantize(kind, tensors, DEFAULT_GROUP_SIZE)
-    matrix = quant_kernels_for(torch.device("cpu"), kind).from_checkpoint(kind, tensors, DEFAULT_GROUP_SIZE)
+    kernels = dataclasses.replace(quant_kernels_for(torch.device("cpu"), "int8"), layout_known=layout_known)
+    matrix = kernels.from_checkpoint(kind, tensors, DEFAULT_GROUP_SIZE)
     got = matrix.matmul(x, bias)
     assert got.shape == (2, rows, 128) and got.dtype == torch.float32
     assert _relative_error(got, x @ reference.t() + bias) < BF16_TOLERANCE
     assert _relative_error(matrix.dequantize(), reference) < BF16_TOLERANCE  # the packed layout read back
+    ids = torch.tensor([[0, 31], [16, 127]])  # an embedding lookup: rows from both nibbles of two blocks
+    torch.testing.assert_close(matrix.rows(ids, torch.float32), matrix.dequantize()[ids])
 
 
 def test_int8_error_is_at_most_half_a_step_and_int4_clipping_never_loses_to_min_max():
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(64, 128, generator=generator)
     weight[0, 5] = 12.0  # an outlier: min/max rounding would coarsen its whole group
-    q8 = quantize_int8(weight)
-    assert ((dequantize("int8", q8) - weight).abs() <= q8["scales"][:, None] / 2 + 1e-6).all()
+    q8 = quantize_int8_channel(weight)
+    assert ((dequantize("int8_channel", q8) - weight).abs() <= q8["scales"][:, None] / 2 + 1e-6).all()
+    g8 = quantize_int8(weight, 32)
+    step = g8["scales"].repeat_interleave(32, dim=1)
+    assert ((dequantize("int8", g8, 32) - weight).abs() <= step / 2 + 1e-6).all()
     q4 = quantize_int4(weight, 32)
     error = (dequantize("int4", q4, 32) - weight).pow(2).view(64, 4, 32).sum(-1)
     groups = weight.view(64, 4, 32)
@@ -152,7 +160,9 @@ def test_a_quantized_base_keeps_no_full_precision_weights(quant_base):
     assert layers and all(m.base.weight is None for m in layers)
     assert isinstance(base.model.get_input_embeddings(), QuantEmbedding)
     full = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(base.prepared.path).parameters())
-    assert base.weight_bytes < 0.3 * full, (quant, base.weight_bytes, full)
+    # the tiny model is nearly all embedding, held 8-bit (1.125 bytes a value in groups of 64, 1.25 in an int4
+    # checkpoint's groups of 32); smollm2's real ratios are benchmarks/bench_quant.py's
+    assert base.weight_bytes < {"int8": 0.29, "int4": 0.32}[quant] * full, (quant, base.weight_bytes, full)
 
 
 @pytest.fixture(scope="module")
@@ -224,8 +234,8 @@ def test_an_int4_matrix_packs_and_reads_back_exactly_where_the_probe_says():
     tensors = quantize_int4(weight, 32)
     matrix = TorchInt4(**tensors, group_size=32)
     assert matrix.nbytes() < weight.numel() * 4 * 0.2
-    int8 = TorchInt8(**quantize_int8(weight))
-    assert torch.equal(int8.rows(torch.tensor([3]), torch.float32)[0], dequantize("int8", quantize_int8(weight))[3])
+    int8 = TorchInt8(**quantize_int8(weight, 64), group_size=64)
+    assert int8.nbytes() < weight.numel() * 4 * 0.3
 
 
 CUDA_TOLERANCE = 5e-2  # bf16 activations and bitsandbytes' 8-bit / 4-bit kernels

@@ -29,9 +29,19 @@ def test_train_then_eval(tmp_path: Path, tiny_bert_dir: Path, sentiment_csv: Pat
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_export_formats_not_landed_yet(fmt: str, capsys) -> None:
-    assert main(["export", "some/adapter", "--format", fmt, "--out", "o"]) == USAGE_ERROR
-    assert "not implemented yet" in _error_line(capsys)
+def test_export_int8_int4(fmt: str, tiny_export_adapters, tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / fmt
+    assert main(["export", str(tiny_export_adapters["chat"]), "--format", fmt, "--out", str(out), "--base",
+                 str(tiny_llama_dir), "--perplexity-tokens", "256", "--parity-prompts", "1", "--parity-tokens", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["format"] == fmt and printed["quantize"] == fmt and printed["model_file"] == "quantized.safetensors"
+    assert 0.0 <= printed["parity"][fmt]["next_token_agreement"] <= 1.0 and (out / "quantization.json").is_file()
+
+
+def test_export_base_only_needs_a_quantized_format(tmp_path: Path, capsys) -> None:
+    assert main(["export", str(tmp_path), "--format", "onnx", "--base-only", "--out", str(tmp_path / "o")]) == USAGE_ERROR
+    assert "--base-only applies to --format int8 or int4" in _error_line(capsys)
+    assert not (tmp_path / "o").exists()
 
 
 def _bad_csv(tmp_path: Path) -> Path:

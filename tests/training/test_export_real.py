@@ -3,6 +3,8 @@
 - minilm-l6 sentiment, over ALL its held-out rows (the split `training eval` uses): ONNX fp32 logits within
   1e-4 of torch; the INT8 graph agrees with torch's argmax on >= 99% of the rows, accuracy within 0.5 points.
 - smollm2-135m chatbot-tech: greedy tokens of the ONNX graph identical to torch's on held-out prompts.
+- smollm2-135m chatbot-trivia as int8 / int4 quantized checkpoints: held-out perplexity within +2% / +8% of
+  the unquantized merged model's, next-token agreement >= 0.97 / >= 0.90 (DESIGN's INT8/INT4 targets).
 
 tests/server/test_ort_real.py checks the same exports independently, through the HTTP API.
 """
@@ -22,6 +24,8 @@ FP32_TOLERANCE = 1e-4
 INT8_MIN_AGREEMENT = 0.99
 INT8_MAX_ACCURACY_DROP = 0.005
 HELD_OUT_ROWS = 2048  # the sentiment adapter's eval_rows
+QUANTIZED_TARGETS = {"int8": (0.02, 0.97), "int4": (0.08, 0.90)}  # (max perplexity rise, min next-token agreement)
+QUANTIZED_PARITY = dict(perplexity_tokens=1024, parity_prompts=1, parity_tokens=4)  # small: the test stays short
 
 
 def test_sentiment_int8_parity_over_all_held_out_rows(sentiment_int8_export):
@@ -47,3 +51,17 @@ def test_chatbot_tech_greedy_parity(tech_onnx_export):
     assert fp32["logits_max_abs_diff"] <= FP32_TOLERANCE
     manifest = read_export_folder(tech_onnx_export)
     assert manifest.base_name == "smollm2-135m" and manifest.task == "completion"
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_chatbot_trivia_quantized_parity(method: str, smollm2_base, tmp_path) -> None:
+    from tests.conftest import EXAMPLE_ADAPTERS, export_folder
+
+    folder = export_folder(EXAMPLE_ADAPTERS / "chatbot-trivia", tmp_path / method, format=method, **QUANTIZED_PARITY)
+    figures = json.loads((folder / PARITY_FILE).read_text())[method]
+    max_rise, min_agreement = QUANTIZED_TARGETS[method]
+    assert figures["tokens"] >= QUANTIZED_PARITY["perplexity_tokens"] - 4  # every window loses its first token
+    assert figures["perplexity_change"] < max_rise, figures
+    assert figures["next_token_agreement"] >= min_agreement, figures
+    manifest = read_export_folder(folder)
+    assert manifest.format == method and manifest.base_name == "smollm2-135m" and manifest.adapter_name == "chatbot-trivia"

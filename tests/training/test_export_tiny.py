@@ -17,7 +17,7 @@ from adapters.export_manifest import EXPORT_MANIFEST_FILE, ONNX_MODEL_FILE, PARI
 from adapters.fingerprint import fingerprint_base_folder
 from tests.conftest import TINY_LABELS, export_folder
 from training.cli import USAGE_ERROR, main
-from training.errors import ConfigError, MethodNotImplementedError
+from training.errors import ConfigError
 from training.export.options import ExportOptions
 
 FP32_TOLERANCE = 1e-4
@@ -164,8 +164,8 @@ def test_refusals(tiny_export_adapters, tmp_path):
         ExportOptions(adapter_dir=adapter, out=tmp_path / "busy")
     with pytest.raises(ConfigError, match="--format onnx only"):
         ExportOptions(adapter_dir=adapter, out=tmp_path / "x", format="merged", quantize="int8")
-    with pytest.raises(MethodNotImplementedError, match="not implemented yet"):
-        ExportOptions(adapter_dir=adapter, out=tmp_path / "x", format="int4")
+    with pytest.raises(ConfigError, match="--base-only applies to --format int8 or int4"):
+        ExportOptions(adapter_dir=adapter, out=tmp_path / "x", format="onnx", base_only=True)
     with pytest.raises(ConfigError, match="parity-rows"):
         ExportOptions(adapter_dir=adapter, out=tmp_path / "x", parity_rows=0)
 

@@ -7,14 +7,15 @@ from pathlib import Path
 
 from adapters import is_export_folder
 from training.config import default_cache_dir
-from training.errors import ConfigError, MethodNotImplementedError
+from training.errors import ConfigError
 
 FORMATS = ("merged", "onnx", "int8", "int4")  # DESIGN.md's public list
-IMPLEMENTED_FORMATS = ("merged", "onnx")
-QUANTIZE = ("none", "int8")
+QUANTIZED_FORMATS = ("int8", "int4")  # quantized base checkpoints (adapters.quantized), the adapter merged or not
+QUANTIZE = ("none", "int8")  # --quantize: the ONNX graph's own INT8 rewrite
 DEFAULT_PARITY_ROWS = 256  # classification rows scored by torch and by each ONNX graph
 DEFAULT_PARITY_PROMPTS = 4  # completion prompts decoded greedily by torch and by each ONNX graph
 DEFAULT_PARITY_TOKENS = 16  # new tokens per parity prompt
+DEFAULT_PERPLEXITY_TOKENS = 4096  # int8/int4 completion: held-out real text scored by both models
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,8 @@ class ExportOptions:
     opset: int | None = None  # default: optimum's choice for the architecture
     threads: int = 0  # onnxruntime intra-op threads for the parity runs (0: its default)
     cache_dir: Path = field(default_factory=default_cache_dir)
+    base_only: bool = False  # int8/int4: quantize the base alone (the adapter folder only names the base)
+    perplexity_tokens: int = DEFAULT_PERPLEXITY_TOKENS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adapter_dir", Path(self.adapter_dir).expanduser())
@@ -38,16 +41,16 @@ class ExportOptions:
         object.__setattr__(self, "cache_dir", Path(self.cache_dir).expanduser())
         if self.format not in FORMATS:
             raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {self.format!r}")
-        if self.format not in IMPLEMENTED_FORMATS:
-            raise MethodNotImplementedError(
-                f"--format {self.format} is not implemented yet; for an INT8 ONNX model use "
-                "--format onnx --quantize int8"
-            )
+        if self.base_only and self.format not in QUANTIZED_FORMATS:
+            raise ConfigError(
+                f"--base-only applies to --format {' or '.join(QUANTIZED_FORMATS)} (a quantized base checkpoint); "
+                f"a {self.format} export without its adapter would be the base itself")
         if self.quantize not in QUANTIZE:
             raise ConfigError(f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}")
         if self.quantize != "none" and self.format != "onnx":
-            raise ConfigError("--quantize applies to --format onnx only")
-        for name in ("parity_rows", "parity_prompts", "parity_tokens"):
+            raise ConfigError("--quantize applies to --format onnx only (--format int8 and int4 write a quantized "
+                              "base checkpoint by themselves)")
+        for name in ("parity_rows", "parity_prompts", "parity_tokens", "perplexity_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")

@@ -5,12 +5,18 @@ arrays (right-padded, cut at the adapter's max_length, in length-sorted batches)
 difference, argmax agreement, accuracy against the gold labels. Completion: greedy decoding of every
 parity prompt by torch and by the export: identical sequences, position-wise token agreement, and the max
 absolute logit difference over the steps where both had produced the same tokens so far.
+
+Quantized checkpoints (int8 / int4) add teacher-forced figures over held-out real text (heldout_text):
+each model's perplexity, the relative change, and next-token agreement, the fraction of positions where
+both models' most likely next token is the same (the greedy choice, free of a diverged decode's history).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Callable
+
+import math
 
 import numpy as np
 import torch
@@ -19,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from training.export.source import ParityRows
 
 PARITY_BATCH = 32
+NEXT_TOKEN_BATCH = 4  # text windows per forward: [4, 256, vocab] fp32 logits stay near 200 MB for SmolLM2
 FIGURE_DIGITS = 6
 Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]  # token arrays [B, S] -> logits [B, num_labels]
 
@@ -124,11 +131,71 @@ def compare_completion(reference: Greedy, got: Greedy) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class NextTokens:
+    """A model's teacher-forced predictions over text windows: every position but each window's last."""
+
+    nll: float  # summed negative log-likelihood of each window's tokens after its first
+    predicted: np.ndarray  # [positions] the argmax next token at each position, windows concatenated
+
+    @property
+    def count(self) -> int:
+        return int(self.predicted.size)
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll / max(self.count, 1))
+
+
+@torch.inference_mode()
+def next_tokens(model: torch.nn.Module, windows: tuple[tuple[int, ...], ...],
+                batch_size: int = NEXT_TOKEN_BATCH) -> NextTokens:
+    """Score `windows` (equal-length token id tuples, no padding) with a causal LM, teacher-forced."""
+    nll, predicted = 0.0, []
+    for start in range(0, len(windows), batch_size):
+        ids = torch.tensor(windows[start:start + batch_size])  # [B, W]
+        logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, :-1].float()  # [B, W-1, V]
+        targets = ids[:, 1:]
+        nll += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+        predicted.append(logits.argmax(-1).flatten().numpy())
+    return NextTokens(nll, np.concatenate(predicted) if predicted else np.zeros(0, dtype=np.int64))
+
+
+def compare_next_tokens(reference: NextTokens, got: NextTokens) -> dict[str, Any]:
+    """Perplexity of both, its relative change (got / reference - 1), next-token agreement."""
+    return {
+        "tokens": reference.count,
+        "reference_perplexity": _round(reference.perplexity),
+        "perplexity": _round(got.perplexity),
+        "perplexity_change": _round(got.perplexity / reference.perplexity - 1.0),
+        "next_token_agreement": _round((reference.predicted == got.predicted).mean()),
+    }
+
+
+HEADLINE_PARTS = ("merged_torch", "onnx_fp32", "onnx_int8", "int8", "int4")  # a report's compared exports
+HEADLINE_KEYS = ("max_abs_diff", "argmax_agreement", "accuracy", "accuracy_delta", "greedy_identical",
+                 "token_agreement", "logits_max_abs_diff", "perplexity", "perplexity_change", "next_token_agreement",
+                 "adapter_delta_kept")
+
+
+def headline(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures worth a glance in the manifest (parity.json keeps the whole report)."""
+    figures = {k: report[k] for k in ("source", "rows", "prompts") if k in report}
+    for part in HEADLINE_PARTS:
+        if part in report:
+            figures[part] = {k: v for k, v in report[part].items() if k in HEADLINE_KEYS}
+    return figures
+
+
 def rows_summary(rows: ParityRows) -> dict[str, Any]:
     if rows.prompts:
         return {"source": rows.source, "prompts": len(rows.prompts)}
     return {"source": rows.source, "rows": len(rows.texts)}
 
 
-def _round(value: float) -> float:
+def round_figure(value: float) -> float:
+    """A figure as the reports print it (FIGURE_DIGITS significant digits)."""
     return float(f"{float(value):.{FIGURE_DIGITS}g}")
+
+
+_round = round_figure

@@ -1,6 +1,6 @@
 """`training export`: adapter folder -> export folder, written atomically (nothing half-written is left).
 
-Order: torch reference figures from the unmerged adapter, then merge, then (onnx) export + parity of the
+int8 / int4 (a quantized base checkpoint) go to training.export.quantized_export. Otherwise, order: torch reference figures from the unmerged adapter, then merge, then (onnx) export + parity of the
 fp32 graph, then (int8) quantize + parity of the INT8 graph, then parity.json, then the manifest last.
 Everything happens inside `adapters.atomic_directory`, so a failure at any step leaves `out` as it was.
 """
@@ -21,7 +21,8 @@ from adapters.export_manifest import ONNX_MODEL_FILE, PARITY_FILE
 from training.export import parity
 from training.export.merged import merge, save_merged
 from training.export.onnx_export import export_onnx, package_versions
-from training.export.options import ExportOptions
+from training.export.options import QUANTIZED_FORMATS, ExportOptions
+from training.export.quantized_export import export_quantized
 from training.export.quantize import quantize_int8
 from training.export.source import ExportSource, load_source
 from training.trained_folder import PEFT_METHODS
@@ -43,6 +44,9 @@ class ExportResult:
 def export_adapter(options: ExportOptions) -> ExportResult:
     """Write the export `options` asks for; raises TrainingError / AdapterError for what a user can fix."""
     source = load_source(options)
+    if options.format in QUANTIZED_FORMATS:
+        manifest, report = export_quantized(source, options)
+        return ExportResult(Path(options.out), manifest, report)
     reference = _run_torch(source, source.model, options)
     method = source.folder.method
     reference_text = REFERENCE if method in PEFT_METHODS else PLAIN_REFERENCE.format(method=method)
@@ -79,7 +83,7 @@ def export_adapter(options: ExportOptions) -> ExportResult:
             format=options.format, task=source.task, base_name=source.base.name,
             base_fingerprint=source.base.fingerprint, adapter_name=source.folder.path.resolve().name,
             adapter_digest=source.digest(), adapter_rank=source.rank, quantize=options.quantize,
-            labels=source.labels, model_file=model_file, settings=settings, parity=_headline(report),
+            labels=source.labels, model_file=model_file, settings=settings, parity=parity.headline(report),
         ))
     log.info("export written to %s", options.out)
     return ExportResult(Path(options.out), manifest, report)
@@ -114,14 +118,3 @@ def _compare(source: ExportSource, reference, got) -> dict[str, Any]:
     if source.task == "classification":
         return parity.compare_classification(reference, got, source.rows.gold)
     return parity.compare_completion(reference, got)
-
-
-def _headline(report: dict[str, Any]) -> dict[str, Any]:
-    """The figures worth a glance in the manifest (parity.json keeps the whole report)."""
-    keys = ("max_abs_diff", "argmax_agreement", "accuracy", "accuracy_delta", "greedy_identical",
-            "token_agreement", "logits_max_abs_diff")
-    headline = {k: report[k] for k in ("source", "rows", "prompts") if k in report}
-    for part in ("merged_torch", "onnx_fp32", "onnx_int8"):
-        if part in report:
-            headline[part] = {k: v for k, v in report[part].items() if k in keys}
-    return headline

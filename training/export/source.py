@@ -61,6 +61,7 @@ class ExportSource:
     labels: tuple[str, ...]
     max_length: int  # classification: tokens per text, as training and eval cut them
     rows: ParityRows
+    config: TrainConfig | None = None  # the adapter's training settings when its data is known (its split)
 
     @property
     def task(self) -> str:
@@ -99,7 +100,7 @@ def load_source(options: ExportOptions) -> ExportSource:
     max_length = (config.resolved(folder.training_task, ()).max_length if config is not None
                   else DEFAULT_MAX_LENGTH[folder.task])
     rows = _parity_rows(folder, config, tokenizer, labels, options)
-    return ExportSource(folder, base, tokenizer, model, labels, max_length, rows)
+    return ExportSource(folder, base, tokenizer, model, labels, max_length, rows, config)
 
 
 def _parity_rows(folder: TrainedFolder, config: TrainConfig | None, tokenizer: PreTrainedTokenizerBase,
