@@ -161,11 +161,12 @@ def worker(args) -> None:
     if args.worker.startswith("sentiment-"):
         result = sentiment_accuracy(args, args.worker.removeprefix("sentiment-"))
     else:
-        torch.set_num_threads(1)  # the scheduler thread gets args.threads (server/engine/worker.py says why)
         base, result = load(args, args.worker, args.base)
-        result["tokens_per_s"] = speed(args, base)
-        torch.set_num_threads(args.threads)
+        # quality first, in the main thread: once the scheduler thread has run multi-threaded torch, this
+        # thread's ops slow down many times over (server/engine/worker.py says why)
         ppl, argmax = quality(base, text_blocks(base.tokenizer, args.block, args.ppl_blocks))
+        torch.set_num_threads(1)  # the scheduler thread gets args.threads
+        result["tokens_per_s"] = speed(args, base)
         result["perplexity"] = round(ppl, 4)
         reference = scratch / "argmax-none.pt"
         if args.worker == "none":
