@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 K, N = 48, 24
 REFERENCE_TOLERANCE = 1e-5  # relative to the output's scale: int32 sums are exact, only fp32 scaling differs
-INT8_TOLERANCE = 0.02  # relative: how far int8 x int8 may stray from fp32 on these random values
+INT8_TOLERANCE = 0.03  # relative: how far int7 weights x uint8 activations may stray from fp32 on these random values
 IR_VERSION = 10  # onnx writes a newer IR version by default than this onnxruntime reads
 
 
@@ -98,8 +98,8 @@ def test_weight_quantization_is_symmetric_per_output_channel():
     w = np.array([[1.0, -0.5, 0.0], [-2.0, 0.25, 0.0]], np.float32)  # [K=2, N=3]; the last column is all zero
     wq, scale = quantize_weight(w)
     assert wq.dtype == np.int8 and scale.shape == (3,)
-    np.testing.assert_array_equal(wq[:, 0], [64, -127]) and np.testing.assert_array_equal(wq[:, 2], [0, 0])
-    assert np.abs(wq).max() == 127 and np.all(scale > 0)
+    np.testing.assert_array_equal(wq[:, 0], [31, -63])  # 1 / (2 / 63) is 31.4999 in float32 and np.testing.assert_array_equal(wq[:, 2], [0, 0])
+    assert np.abs(wq).max() == 63 and np.all(scale > 0)
     np.testing.assert_allclose(wq * scale, w, atol=scale.max() / 2)
 
 

@@ -21,7 +21,9 @@ from adapters.export_manifest import PARITY_FILE
 pytestmark = pytest.mark.integration
 
 FP32_TOLERANCE = 1e-4
-INT8_MIN_AGREEMENT = 0.99
+# 7-bit weights (training/export/quantize.py, WEIGHT_MAX): 0.9888 here (AVX2); 8-bit ones gave 0.9937 on an AVX-512
+# machine and wrong sums (saturated int16 pairs) on this one
+INT8_MIN_AGREEMENT = 0.985
 INT8_MAX_ACCURACY_DROP = 0.005
 HELD_OUT_ROWS = 2048  # the sentiment adapter's eval_rows
 # (max perplexity rise, min next-token agreement) over 1,020 tokens: a guard a few tokens below what was measured

@@ -7,7 +7,7 @@ Every MatMul whose right-hand side is an fp32 weight [K, N] is rewritten as
     y2 = MatMulIntegerToFloat(xq, wq, 1, w_scale, 128)                 (onnxruntime's int8 GEMM, scaled by w_scale)
     y  = (y2 * s[:, None]) reshaped to [..., N]
 
-with wq = round(w / w_scale), w_scale [N] = max(|w|, over K) / 127 (symmetric, one scale per output
+with wq = round(w / w_scale), w_scale [N] = max(|w|, over K) / 63 (symmetric, 7 bits: see WEIGHT_MAX; one scale per output
 channel), fixed at export time. MatMuls that share an input share its quantization (a layer's q, k and v).
 Embedding lookups, layer norms, softmax, the attention score products (no constant weight) and Gemm
 heads stay fp32. `reference_int8_matmul` is the same arithmetic in numpy, for the tests.
@@ -47,7 +47,11 @@ from training.errors import TrainingError
 from training.export.onnx_export import EXPORT_EXTRA_HINT, ExportToolsMissingError
 
 INT8_BITS = 8
-INT8_MAX = 127  # symmetric range: weights in [-127, 127], activations in 128 +- 127
+INT8_MAX = 127  # activations: uint8 in 128 +- 127
+# Weights in [-63, 63] (7 bits): onnxruntime's u8 x s8 GEMM on x86 without VNNI (AVX2) sums pairs of
+# products in int16, and 2 * 255 * 127 overflows it (the matmuls came out wrong by up to 10% on such a
+# machine); 2 * 255 * 63 = 32,130 does not, so one graph computes the same on every x86 CPU.
+WEIGHT_MAX = 63
 ACTIVATION_ZERO_POINT = 128  # uint8 activations around 128: onnxruntime's fast u8 x s8 GEMM
 MIN_SCALE = 1e-12  # an all-zero row or column gets this scale instead of 0 (its values quantize to 0 anyway)
 MIN_OPSET = 13  # QuantizeLinear with one scale per row (axis=0)
@@ -68,15 +72,15 @@ def quantize_int8(src: Path, dest: Path) -> dict[str, Any]:
     if rewritten == 0:
         raise TrainingError(f"{src.name} has no MatMul with a constant fp32 weight to quantize")
     onnx.save_model(model, str(dest))
-    return {"method": METHOD, "bits": INT8_BITS, "weights": "int8, symmetric, one scale per output channel",
+    return {"method": METHOD, "bits": INT8_BITS, "weights": "int8 holding 7 bits ([-63, 63]), symmetric, one scale per output channel",
             "activations": "uint8, symmetric around 128, one scale per token at run time",
             "op_types": ["MatMul"], "matmuls": rewritten}
 
 
 def quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """w [K, N] fp32 -> (wq [K, N] int8, w_scale [N] fp32), symmetric, one scale per output channel."""
-    scale = np.maximum(np.abs(w).max(axis=0), MIN_SCALE * INT8_MAX) / INT8_MAX
-    wq = np.clip(np.round(w / scale), -INT8_MAX, INT8_MAX).astype(np.int8)
+    scale = np.maximum(np.abs(w).max(axis=0), MIN_SCALE * WEIGHT_MAX) / WEIGHT_MAX
+    wq = np.clip(np.round(w / scale), -WEIGHT_MAX, WEIGHT_MAX).astype(np.int8)
     return wq, scale.astype(np.float32)
 
 
