@@ -206,9 +206,9 @@ def ratios(results: dict) -> dict:
 
 def kernel_sweep(threads: int) -> None:
     """One pass over SmolLM2-135M's 211 matrix shapes (30 layers of q, k, v, o, gate, up, down + the head)."""
-    from adapters.quantized import quantize_int4, quantize_int8
+    from adapters.quantized import quantize_int4, quantize_int8, quantize_int8_channel
     from server.engine.backend import linear_kernel_for
-    from server.engine.quant_kernels import TorchInt4, TorchInt8
+    from server.engine.quant_kernels import TorchInt4, TorchInt8, TorchInt8Channel
 
     torch.set_num_threads(threads)
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
@@ -219,7 +219,8 @@ def kernel_sweep(threads: int) -> None:
     makers = {
         "fp32": lambda w: (lambda x, p=fp32_pack(w): fp32_linear(x, p, None)),
         "bf16": lambda w: (lambda x, p=bf16_pack(w.bfloat16()): bf16_linear(x.bfloat16(), p, None)),
-        "int8": lambda w: (lambda x, m=TorchInt8(**quantize_int8(w)): m.matmul(x, None)),
+        "int8": lambda w: (lambda x, m=TorchInt8(**quantize_int8(w, 64), group_size=64): m.matmul(x, None)),
+        "int8_channel": lambda w: (lambda x, m=TorchInt8Channel(**quantize_int8_channel(w)): m.matmul(x, None)),
         "int4": lambda w: (lambda x, m=TorchInt4(**quantize_int4(w), group_size=32): m.matmul(x, None)),
     }
     for rows in (1, 8, 64):

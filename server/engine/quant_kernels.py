@@ -6,15 +6,20 @@ the activation dtype, as on a full-precision base. `dequantize()` is the fp32 ma
 
 Which kernel serves which mode is decided once, by `quant_kernels_for(device, quant)`:
 
-    CPU  int8  torch's `_weight_int8pack_mm`            int8 weights, one scale per output row
+    CPU  int8  torch's `_weight_int4pack_mm_for_cpu`, twice   8-bit, asymmetric, groups of 64 along K,
+                                                          as two 4-bit halves (TorchInt8); matrices that
+                                                          do not pack: `_weight_int8pack_mm`, one scale
+                                                          per output row (TorchInt8Channel)
          int4  torch's `_weight_int4pack_mm_for_cpu`    4-bit, asymmetric, groups of 32 along K
          nf4 / fp4  bitsandbytes `Linear4bit`           what `training qlora` trains against (exact)
     CUDA int8  bitsandbytes LLM.int8 (`Linear8bitLt`)
          int4 / nf4  bitsandbytes NF4, double quantization; fp4 bitsandbytes FP4
 
-Why these on CPU (this project's 2-core AVX2 machine, `python benchmarks/bench_quant.py --kernels`): over all 211 of SmolLM2-135M's weight matrices, one pass took
-fp32 (oneDNN, packed) 57 / 116 ms at 1 / 8 rows, bf16 F.linear 29 / 222 ms, torch int8 25 / 80 ms and
-torch int4 16 / 54 ms, both fed bf16 activations. With fp32 activations the same torch kernels fall to a
+Why these on CPU (this project's 2-core AVX2 machine, a kernel sweep like `python benchmarks/bench_quant.py
+--kernels`): over all 211 of SmolLM2-135M's weight matrices, one pass took fp32 (oneDNN, packed) 57 / 116 ms
+at 1 / 8 rows, bf16 F.linear 29 / 222 ms, torch's per-row int8 kernel 25 / 80 ms and its int4 kernel
+16 / 54 ms, both fed bf16 activations. int8 runs the int4 kernel twice rather than the int8 one because
+one scale per row cost greedy agreement (adapters/quantized.py has the figures). With fp32 activations the same torch kernels fall to a
 scalar path (116 / 1,069 ms int8): so x is cast to bf16 for the base matmul only, and the result back.
 bitsandbytes on CPU dequantizes per call and was slower than fp32 (ASSETS: 4.4 / 6.0 ms against 3.4 ms
 for a 1024x1024 layer at 32 rows): it is kept for nf4/fp4 because it is QLoRA's own arithmetic.
@@ -28,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +47,7 @@ KERNEL_DTYPE = torch.bfloat16  # the activations the torch int8/int4 CPU kernels
 DEQUANT_ROWS = 256  # rows (tokens) from which a dequantize + fp32 matmul beats the int kernels on CPU
 INT4_PACK_TILES = 1  # _convert_weight_to_int4pack_for_cpu's inner_k_tiles argument (CPU ignores its value)
 INT4_MIDPOINT = 8  # torch's int4 kernels compute (q - 8) * scale + zero
+LLM_INT8_THRESHOLD = 6.0  # bitsandbytes' outlier threshold (LLM.int8 paper and HF's default)
 
 
 class QuantMatrix(Protocol):
@@ -253,8 +259,6 @@ class BnbMatrix(QuantMatrix):
         return total
 
 
-LLM_INT8_THRESHOLD = 6.0  # bitsandbytes' outlier threshold (LLM.int8 paper and HF's default)
-
 
 @dataclass(frozen=True)
 class QuantKernels:
@@ -346,8 +350,6 @@ def _probe(kernels: QuantKernels, device: torch.device) -> bool:
     # the kernel's scales and zeros are bf16: a wrong layout errs by whole quantization levels, not by that
     return reference is None or bool((matrix.dequantize() - reference).abs().max() <= LAYOUT_TOLERANCE * reference.abs().max())
 
-
-QuantLinearFn = Callable[[torch.Tensor, QuantMatrix, torch.Tensor | None], torch.Tensor]
 
 
 def quant_linear(x: torch.Tensor, matrix: QuantMatrix, bias: torch.Tensor | None) -> torch.Tensor:
