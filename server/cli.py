@@ -14,50 +14,19 @@ from pydantic import ValidationError
 
 from server.auth import read_admin_token
 from server.config import DEFAULT_PORT, ServerConfig, default_state_dir, env_admin_token
+from server.flags import add_config_flags, config_values
 
 DEFAULT_URL = f"http://127.0.0.1:{DEFAULT_PORT}"
 CLIENT_TIMEOUT_S = 300.0
 EXIT_USAGE = 2
 
 
-def _adapter_pair(text: str) -> tuple[str, str]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
-    return name, path
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="server", description="Serve many LoRA adapters on one frozen base.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="start the HTTP server")
-    serve.add_argument("--base", default=None, help="embedded name (smollm2-135m, minilm-l6), HF folder or .gguf "
-                       "(default smollm2-135m; with --backend onnxruntime, the base of the exports)")
-    serve.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
-                       help="torch: adapter folders on one base; onnxruntime: export folders from `training export`")
-    serve.add_argument("--ort-threads", type=int, default=0, help="onnxruntime threads per session (0: one per core)")
-    serve.add_argument("--threads", type=int, default=0,
-                       help="torch threads of the model's worker thread (0: torch's default, one per core)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=DEFAULT_PORT)
-    serve.add_argument("--adapter", action="append", type=_adapter_pair, default=[], metavar="NAME=PATH",
-                       help="an adapter to load at start (repeatable)")
-    serve.add_argument("--quant", choices=["none", "int8", "int4", "nf4", "fp4"], default="none",
-                       help=ServerConfig.model_fields["quant"].description)
-    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
-    serve.add_argument("--max-model-len", type=int, default=2048)
-    serve.add_argument("--served-name", default=None, help="model id of the base (default: the base name)")
-    serve.add_argument("--max-num-seqs", type=int, default=16, help="requests decoding at once (KV cache slots)")
-    serve.add_argument("--max-loras", type=int, default=32, help="distinct adapters in a batch (device LoRA slots)")
-    serve.add_argument("--max-cpu-loras", type=int, default=64,
-                       help="adapters kept loaded in memory (LRU); the others are re-read from their folder on use")
-    serve.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
-    serve.add_argument("--lora-kernel", choices=["stacked", "loop"], default="stacked")
-    serve.add_argument("--merge", action="store_true",
-                       help="single-tenant mode: merge the hot adapter into the base weights, swap on demand")
-    serve.add_argument("--log-level", default="info")
+    serve = sub.add_parser("serve", help="start the HTTP server (every flag is also env LORAPLEX_<FLAG>)")
+    add_config_flags(serve, ServerConfig)  # one source of names, defaults and help: ServerConfig
 
     for name, help_text in (("add-adapter", "load an adapter into a running server"),
                             ("remove-adapter", "unload an adapter from a running server"),
@@ -96,26 +65,20 @@ def _leave_cores_to_workers() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from server.api.app import create_app, load_engine_base
+    from server.api.lifecycle import run_server
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    names = [name for name, _ in args.adapter]
-    if len(set(names)) != len(names):
-        print("error: an adapter name was given twice", file=sys.stderr)
-        return EXIT_USAGE
     try:
-        config = ServerConfig(
-            base=args.base, host=args.host, port=args.port, adapters=dict(args.adapter), quant=args.quant,
-            device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, served_name=args.served_name,
-            max_num_seqs=args.max_num_seqs, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_waiting=args.max_waiting,
-            lora_kernel=args.lora_kernel, merge=args.merge, backend=args.backend, ort_threads=args.ort_threads,
-            threads=args.threads or _default_threads(),
-        )
+        config = ServerConfig(**config_values(args, ServerConfig))
     except ValidationError as exc:
         print(f"error: {_first_error(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not config.threads:
+        config = config.model_copy(update={"threads": _default_threads()})
     _leave_cores_to_workers()
     base = None
     if config.backend == "torch":  # load before serving, so a bad base or --quant is one line, not a traceback
@@ -124,8 +87,12 @@ def _serve(args: argparse.Namespace) -> int:
         except ValueError as exc:  # unknown base, --quant this machine can't run, a checkpoint that doesn't match
             print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
             return EXIT_USAGE
-    uvicorn.run(create_app(config, base), host=config.host, port=config.port, log_level=args.log_level)
-    return 0
+    try:
+        app = create_app(config, base)  # reads --api-key-file: an unreadable one is a usage error
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_server(app, config.host, config.port, config.log_level)
 
 
 def _first_error(exc: ValidationError) -> str:
