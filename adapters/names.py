@@ -4,15 +4,17 @@ import re
 
 from adapters.errors import AdapterNameError
 
-MAX_NAME_LENGTH = 128
+# Long enough for "customer-1234-support-v12"-style ids, short enough for a metric label and a folder name.
+MAX_NAME_LENGTH = 64
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # used with fullmatch: "$" would let "name\n" through
 
 
 def validate_adapter_name(name: str) -> str:
     """Return `name` if it is safe as a model id and a folder name, else raise AdapterNameError.
 
-    Allowed: letters, digits, '.', '_', '-', starting with a letter or digit; no path separators,
-    no '..', at most MAX_NAME_LENGTH characters.
+    Allowed: 1..MAX_NAME_LENGTH of ASCII letters, digits, '.', '_', '-', starting with a letter or digit
+    (so never '.', '-' or a hidden folder); no path separators, no '..'. Whether a name is free (not the
+    base's own name, not taken) is the registry's question, not this one.
     """
     if not isinstance(name, str) or not name:
         raise AdapterNameError("adapter name must be a non-empty string")

@@ -11,11 +11,19 @@ Requests `acquire` an adapter for their lifetime and `release` it at the end: a 
 evicted. Loading reads and validates outside the table lock, and the swap into the table is atomic, so
 a request gets either the old version or the new one, never a half-loaded adapter; requests holding the
 old version of a replaced adapter finish on it.
+
+Runtime adds (the admin API) are checked against AdapterLimits (path inside the adapter roots, folder
+size, rank) and, with a RuntimeAdapters (server/persist.py), copied into the state dir and journaled
+before they are acknowledged; `restore` brings them back at the next start. Adapters given at start-up
+(`startup=True`) come from the command line each time: not confined, not persisted. Adds and removes of
+one name are serialized (a second one at the same time gets 409), so the journal and the table agree.
+A removed or replaced adapter is `on_retire`d: the engine may then free its device slot, pinned or not.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import itertools
 import logging
@@ -23,11 +31,15 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
-from adapters import AdapterError, folder_digest, read_adapter_folder, validate_adapter_name, validate_against_base
+from adapters import (
+    AdapterError, AdapterNameError, folder_digest, read_adapter_folder, validate_adapter_name, validate_against_base,
+)
+from server.adapter_limits import AdapterLimits
 from server.engine.base_model import BaseModel
 from server.engine.loaded import LoadedAdapter, load_adapter
+from server.persist import PersistedAdapter, RuntimeAdapters
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +115,28 @@ class TorchAdapterReader:
 
 class AdapterRegistry:
     def __init__(self, base: BaseModel | None, max_adapters: int, max_resident: int | None = None,
-                 on_load: Callable[[str, float], None] | None = None, reader: AdapterReader | None = None) -> None:
+                 on_load: Callable[[str, float], None] | None = None, reader: AdapterReader | None = None, *,
+                 limits: AdapterLimits | None = None, reserved_names: Iterable[str] = (),
+                 persist: RuntimeAdapters | None = None,
+                 on_retire: Callable[[LoadedAdapter], None] | None = None) -> None:
         """`max_adapters`: registered at most; `max_resident`: kept in memory (None: all of them);
         `on_load(result, seconds)`: called after every folder read (metrics); `reader`: how folders are
-        read (default: adapter folders for the torch engine on `base`)."""
+        read (default: adapter folders for the torch engine on `base`); `limits`: what a runtime add may
+        load (default: any path, default sizes); `reserved_names`: model ids no adapter may take (the
+        base's); `persist`: where runtime adds are kept across restarts (None: nowhere);
+        `on_retire(adapter)`: a removed or replaced version (default: free its device slot on `base`)."""
         if reader is None:
             if base is None:
                 raise ValueError("AdapterRegistry needs a base or a reader")
             reader = TorchAdapterReader(base)
+        if on_retire is None and base is not None and base.active.slots is not None:
+            on_retire = base.active.slots.retire
         self.reader = reader
+        self.limits = limits or AdapterLimits()
+        self.reserved_names = frozenset(reserved_names)
+        self.persist = persist
+        self.on_retire = on_retire
+        self._admin_locks: collections.defaultdict[str, threading.Lock] = collections.defaultdict(threading.Lock)
         self.max_adapters = max_adapters
         self.max_resident = max_resident or max_adapters
         self.on_load = on_load
@@ -231,14 +256,22 @@ class AdapterRegistry:
 
     # -- admin -----------------------------------------------------------------------------------
 
-    def add(self, name: str, path: str | Path, *, replace: bool = False, pinned: bool = False) -> LoadedAdapter:
-        """Read, validate and load an adapter folder under `name`. Raises AdapterError on bad input."""
-        validate_adapter_name(name)
+    def add(self, name: str, path: str | Path, *, replace: bool = False, pinned: bool = False,
+            startup: bool = False) -> LoadedAdapter:
+        """Read, validate and load an adapter folder under `name`. Raises AdapterError on bad input.
+        A runtime add (`startup=False`) must pass the limits' path check and, with `persist`, is copied
+        into the state dir and journaled before it is served and this returns."""
+        self.check_name(name)
         source = Path(path).expanduser()
+        if not startup:
+            source = self.limits.check_path(source)
+        self.limits.check_size(source)
+        with self._changing(name):
+            return self._add(name, source, replace, pinned, persist=not startup and self.persist is not None)
+
+    def _add(self, name: str, source: Path, replace: bool, pinned: bool, persist: bool) -> LoadedAdapter:
         with self._lock:
             current = self._entries.get(name)
-            if current is not None and current.state is AdapterState.LOADING:
-                raise AdapterExistsError(f"adapter {name!r} is being loaded right now")
             if current is not None and not replace:
                 raise AdapterExistsError(f"adapter {name!r} already exists; remove it first or replace it")
             if current is None and len(self._entries) >= self.max_adapters:
@@ -246,11 +279,21 @@ class AdapterRegistry:
             if current is None:
                 self._entries[name] = RegistryEntry(name, AdapterState.LOADING, source, pinned=pinned)
         started = time.perf_counter()
+        staged = ""
         try:
             digest = self.reader.digest(source) if source.is_dir() else ""
-            loaded = self._read(name, source, next(self._versions), pinned)
+            serve_from = source
+            if persist and digest:
+                serve_from, staged = self.persist.stage(source, digest, self.reader.digest), digest
+            loaded = self._read(name, serve_from, next(self._versions), pinned)
+            self.limits.check_rank(name, loaded.rank)
+            if persist:  # the commit point: from here the add is acknowledged, and survives a restart
+                self.persist.commit(PersistedAdapter(name, digest, pinned, loaded.version, str(source)))
+                staged = ""
         except Exception as exc:
             self._observe_load("error", started)
+            if staged:
+                self.persist.unstage(staged)
             with self._lock:
                 if current is None:
                     self._entries.pop(name, None)
@@ -259,22 +302,98 @@ class AdapterRegistry:
             log.exception("loading adapter %s from %s failed", name, source)
             raise AdapterError(f"adapter {name!r} could not be loaded: {type(exc).__name__}") from exc
         self._observe_load("ok", started)
-        entry = RegistryEntry(name, AdapterState.READY, source, pinned, loaded.task, loaded.rank, loaded.version, digest)
-        with self._lock:
-            self._entries[name] = entry
-            self._resident[name] = loaded
-            self._resident.move_to_end(name)
-            self._evict_over_budget()
+        self._install(RegistryEntry(name, AdapterState.READY, serve_from, pinned, loaded.task, loaded.rank,
+                                    loaded.version, digest), loaded)
         log.info("adapter %s v%d ready (%s, rank %d, from %s)", name, loaded.version, loaded.task, loaded.rank, source)
         return loaded
 
     def remove(self, name: str) -> None:
-        with self._lock:
-            if name not in self._entries:
+        """Unregister `name` (and drop it from the state dir). A name the state dir holds but that was not
+        restored (it no longer validated) is removed from the state dir too."""
+        with self._changing(name):
+            with self._lock:
+                registered = name in self._entries
+            forgotten = self.persist.forget(name) if self.persist is not None else False  # durable first
+            if not registered and not forgotten:
                 raise UnknownAdapterError(name)
-            del self._entries[name]
-            self._resident.pop(name, None)  # requests holding it finish on their reference
+            with self._lock:
+                self._entries.pop(name, None)
+                old = self._resident.pop(name, None)  # requests holding it finish on their reference
+            self._retire(old)
         log.info("adapter %s removed", name)
+
+    def restore(self) -> list[str]:
+        """Register the runtime adapters the state dir holds (call once, at start-up, after the start-up
+        adapters: a runtime replace of one of those wins, it was acknowledged later). An entry that no
+        longer validates (changed copy, tightened limits, a name now reserved) is logged and skipped, and
+        kept in the state dir for a later start; start-up never fails here."""
+        if self.persist is None:
+            return []
+        restored, top_version = [], 0
+        for record in self.persist.recover():
+            top_version = max(top_version, record.version)
+            try:
+                loaded, path = self._read_record(record)
+            except Exception as exc:  # noqa: BLE001: whatever is wrong with one entry, the server starts
+                log.warning("runtime adapter %s (added from %s) not restored: %s", record.name, record.source, exc)
+                continue
+            with self._lock:
+                full = record.name not in self._entries and len(self._entries) >= self.max_adapters
+            if full:
+                log.warning("runtime adapter %s not restored: the server holds %d adapters already",
+                            record.name, self.max_adapters)
+                continue
+            self._install(RegistryEntry(record.name, AdapterState.READY, path, record.pinned, loaded.task,
+                                        loaded.rank, loaded.version, record.digest), loaded)
+            restored.append(record.name)
+        with self._lock:  # versions keep growing across restarts: a replace never reuses a restored number
+            self._versions = itertools.count(max(top_version + 1, next(self._versions)))
+        if restored:
+            log.info("restored %d runtime adapters from %s: %s", len(restored), self.persist.folder, restored)
+        return restored
+
+    def check_name(self, name: str) -> None:
+        """AdapterNameError unless `name` is a safe adapter name that is not a reserved model id."""
+        validate_adapter_name(name)
+        if name in self.reserved_names:
+            raise AdapterNameError(f"adapter name {name!r} is the base model's own name: requests for {name!r} "
+                                   "get the base without an adapter; choose another name")
+
+    def _read_record(self, record: PersistedAdapter) -> tuple[LoadedAdapter, Path]:
+        self.check_name(record.name)
+        path = self.persist.path_of(record.digest)
+        if self.reader.digest(path) != record.digest:
+            raise AdapterError(f"its stored copy {str(path)!r} no longer matches the digest it was added with")
+        self.limits.check_size(path)
+        loaded = self._read(record.name, path, record.version, record.pinned)
+        self.limits.check_rank(record.name, loaded.rank)
+        return loaded, path
+
+    def _install(self, entry: RegistryEntry, loaded: LoadedAdapter) -> None:
+        """Swap `entry` in (atomically for requests); the version it replaces is retired."""
+        with self._lock:
+            self._entries[entry.name] = entry
+            old = self._resident.get(entry.name)
+            self._resident[entry.name] = loaded
+            self._resident.move_to_end(entry.name)
+            self._evict_over_budget()
+        if old is not loaded:
+            self._retire(old)
+
+    def _retire(self, adapter: LoadedAdapter | None) -> None:
+        if adapter is not None and self.on_retire is not None:
+            self.on_retire(adapter)
+
+    @contextlib.contextmanager
+    def _changing(self, name: str) -> Iterator[None]:
+        """One add or remove of `name` at a time; a second one meanwhile is refused, not queued."""
+        lock = self._admin_locks[name]
+        if not lock.acquire(blocking=False):
+            raise AdapterExistsError(f"adapter {name!r} is being added, replaced or removed right now; try again")
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _read(self, name: str, source: Path, version: int, pinned: bool) -> LoadedAdapter:
         return self.reader.read(name, source, version, pinned)

@@ -16,12 +16,17 @@ send matmul down a slow strided path).
 which equals, row by row, scaling * B(A(x)) of that row's adapter (the loop reference in lora_layer.py):
 every other block is multiplied by exact zeros. Cost: two matmuls per module whatever the adapter mix,
 no gathers. Slots are filled on demand and evicted least-recently-used among adapters neither in the
-batch nor pinned.
+batch nor pinned. A pinned adapter that was removed or replaced is `retire`d by the registry: from then on
+its slot is freed like any other (first, in fact) once no batch uses it; without that, every removal or
+replacement of a pinned adapter would keep a slot forever, and after `num_slots` of them no new adapter
+could be served.
 """
 
 from __future__ import annotations
 
 import collections
+import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +56,16 @@ class LoraSlots:
         self.hits = 0
         self.generation = 0  # bumped whenever the stacks' contents or layout change
         self.slot_version = [0] * num_slots  # per slot: a new value whenever its contents change
+        # removed or replaced adapters (any thread adds, the model thread reads); weak: an adapter that is
+        # in no slot and held by no request goes away, and its entry with it
+        self._retired: weakref.WeakSet[LoadedAdapter] = weakref.WeakSet()
+        self._retired_lock = threading.Lock()
+
+    def retire(self, adapter: LoadedAdapter) -> None:
+        """`adapter` is no longer what its name serves (removed, or replaced by a new version): its slot is
+        reclaimable, pinned or not, once no batch uses it. Called from the admin thread."""
+        with self._retired_lock:
+            self._retired.add(adapter)
 
     @torch.inference_mode()  # stacks are inference tensors: always created and updated in this mode
     def slots_for(self, adapters: list[LoadedAdapter]) -> dict[int, int]:
@@ -76,13 +91,17 @@ class LoraSlots:
         for slot, adapter in enumerate(self._adapter_in):
             if adapter is None:
                 return slot
-        for key, slot in self._slot_of.items():  # least recently used first
-            if key not in keep and not self._adapter_in[slot].pinned:
-                del self._slot_of[key]
-                self._clear(slot)
-                self.evictions += 1
-                return slot
-        raise RuntimeError("no LoRA slot can be freed: every slot holds a pinned adapter or one of this batch")
+        with self._retired_lock:
+            retired = set(map(id, self._retired))
+        evictable = [(key, slot) for key, slot in self._slot_of.items()  # least recently used first
+                     if key not in keep and (key in retired or not self._adapter_in[slot].pinned)]
+        if not evictable:
+            raise RuntimeError("no LoRA slot can be freed: every slot holds a pinned adapter or one of this batch")
+        key, slot = next(((k, s) for k, s in evictable if k in retired), evictable[0])  # retired ones go first
+        del self._slot_of[key]
+        self._clear(slot)
+        self.evictions += 1
+        return slot
 
     def _clear(self, slot: int) -> None:
         self.generation += 1

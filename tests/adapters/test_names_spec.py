@@ -25,11 +25,15 @@ def test_good_names_pass(name):
 @pytest.mark.parametrize("name", [
     "", "../x", "a/b", "a\\b", ".hidden", "x" * (MAX_NAME_LENGTH + 1), "has space", "-lead", "a..b", "..",
     "abc\n",  # a regex anchored with "$" lets a trailing newline through
-    "tab\tname", "ünï", None, 42,
+    "tab\tname", "ünï", None, 42, "_lead", ".", "-", "a" * 65, "a:b", "a%2e", "",
 ])
 def test_bad_names_are_refused(name):
     with pytest.raises(AdapterNameError):
         validate_adapter_name(name)
+
+
+def test_names_are_at_most_64_characters():
+    assert MAX_NAME_LENGTH == 64  # short enough for a metric label, a folder name and a sha256 hex digest
 
 
 def test_real_peft_config_parses(peft_folder):

@@ -93,3 +93,24 @@ def test_store_refuses_path_traversal(tmp_path, peft_folder, name):
     with pytest.raises(AdapterNameError):
         store.path(name)
     assert (tmp_path / "victim").is_dir() and _listing(tmp_path) == ["victim"]
+
+
+def test_atomic_write_text_replaces_whole_and_leaves_no_temporary(tmp_path):
+    from adapters.store import atomic_write_text
+
+    target = tmp_path / "journal.json"
+    atomic_write_text(target, "one", mode=0o600)
+    atomic_write_text(target, "two", mode=0o600)
+    assert target.read_text() == "two" and (target.stat().st_mode & 0o777) == 0o600
+    assert _listing(tmp_path) == ["journal.json"]
+
+
+def test_sweep_removes_what_a_killed_writer_left_and_nothing_else(tmp_path, peft_folder):
+    store = AdapterStore(tmp_path)
+    store.install("kept", peft_folder)
+    (tmp_path / ".half.tmp-abc").mkdir()
+    (tmp_path / ".half.tmp-abc" / "adapter_config.json").write_text("{")
+    (tmp_path / ".kept.old-1-2").mkdir()
+    (tmp_path / ".unrelated").write_text("mine")
+    assert store.sweep() == [".half.tmp-abc", ".kept.old-1-2"]
+    assert _listing(tmp_path) == [".unrelated", "kept"] and store.names() == ["kept"]

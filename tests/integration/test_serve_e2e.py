@@ -32,7 +32,8 @@ def running_server(tmp_path: Path, base: str, adapters: dict[str, Path]):
     port = _free_port()
     env = {**os.environ, "LORAPLEX_STATE": str(tmp_path / "state")}
     env.pop("LORAPLEX_ADMIN_TOKEN", None)
-    cmd = [str(SERVER_BIN), "serve", "--base", base, "--port", str(port), "--log-level", "warning"]
+    cmd = [str(SERVER_BIN), "serve", "--base", base, "--port", str(port), "--log-level", "warning",
+           "--adapter-root", str(tmp_path.parent)]  # pytest's base temp: where the hot-added adapters are
     for name, path in adapters.items():
         cmd += ["--adapter", f"{name}={path}"]
     log = open(tmp_path / "server.log", "w")

@@ -106,6 +106,7 @@ def llama_client(tmp_path: Path, tiny_llama_base: BaseModel, tiny_adapters: dict
     config = ServerConfig(
         base=str(tiny_llama_base.prepared.path), served_name="tiny", adapters={"alpha": str(tiny_adapters["alpha"])},
         state_dir=tmp_path / "state", admin_token="test-token", max_model_len=256, max_tokens_limit=64,
+        adapter_roots=[tmp_path.parent],  # pytest's base temp: the session's adapter folders may be hot-added
     )
     with TestClient(create_app(config, base=tiny_llama_base)) as client:
         yield client

@@ -54,7 +54,7 @@ def test_add_list_remove_adapter(live_server, tiny_adapters, capsys):
     assert main(["remove-adapter", "beta", *url]) == 0
     assert main(["remove-adapter", "beta", *url]) == 1
     assert main(["add-adapter", "bad", "/does/not/exist", *url]) == 1
-    assert "not a directory" in capsys.readouterr().err
+    assert "outside the adapter roots" in capsys.readouterr().err
 
 
 def test_wrong_token_and_unreachable_server(live_server, capsys):

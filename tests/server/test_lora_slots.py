@@ -190,3 +190,20 @@ def test_per_row_decode_of_a_bfloat16_base_computes_the_delta_in_float32():
             a, b = w.a.bfloat16().float(), (w.b * w.scaling).bfloat16().float()
             expected[row] += x[row].bfloat16().float() @ a.T @ b.T
     torch.testing.assert_close(got.float(), expected, atol=0.1, rtol=2e-2)
+
+
+def test_retired_pinned_adapters_give_their_slot_back_but_not_to_their_own_batch():
+    """Regression: a pinned adapter that was removed or replaced kept its slot forever."""
+    gen = torch.Generator().manual_seed(0)
+    slots = LoraSlots(2, MODULES, torch.device("cpu"), torch.float32)
+    old, other = (LoadedAdapter(**{**_adapter(n, 4, ["q"], gen).__dict__, "pinned": True}) for n in ("old", "other"))
+    slots.slots_for([old, other])
+    fresh = _adapter("fresh", 4, ["v"], gen)
+    with pytest.raises(RuntimeError, match="no LoRA slot can be freed"):
+        slots.slots_for([fresh])
+    slots.retire(old)
+    with pytest.raises(RuntimeError, match="no LoRA slot can be freed"):
+        slots.slots_for([old, fresh])  # a batch still using the retired adapter keeps it
+    old_slot = slots.slots_for([old])[id(old)]
+    assert slots.slots_for([fresh]) == {id(fresh): old_slot} and slots.evictions == 1
+    assert slots.slots_for([other]) and slots.hits >= 2  # the pinned one that was not retired stayed

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,9 @@ from fastapi.testclient import TestClient
 
 from server.api.app import create_app
 from server.config import ServerConfig
-from server.registry import AdapterNotReadyError, AdapterRegistry
+from adapters import AdapterError, AdapterNameError
+from server.adapter_limits import AdapterLimits
+from server.registry import AdapterExistsError, AdapterNotReadyError, AdapterRegistry, TorchAdapterReader
 from tests.server.conftest import ADMIN
 
 
@@ -102,3 +106,62 @@ def test_http_serves_adapters_from_disk(tmp_path, tiny_llama_base, folders):
         metrics = client.get("/metrics").text
         assert "loraplex_adapter_cache_misses_total 4.0" in metrics
         assert 'loraplex_adapter_loads_total{result="reload"} 4.0' in metrics
+
+
+# -- admission: limits, reserved names, one change per name at a time ---------------------------------
+
+def test_rank_and_size_limits_are_checked_at_add_time_and_named(tiny_llama_base, folders):
+    registry = AdapterRegistry(tiny_llama_base, 8, limits=AdapterLimits(max_rank=4))
+    with pytest.raises(AdapterError, match=r"rank 8, more than the limit of 4 \(max_lora_rank"):
+        registry.add("b", folders["d"], startup=True)  # limits apply to start-up adapters too (d: beta, rank 8)
+    size = sum(f.stat().st_size for f in folders["b"].iterdir())
+    registry = AdapterRegistry(tiny_llama_base, 8, limits=AdapterLimits(max_bytes=size - 1))
+    with pytest.raises(AdapterError, match=rf"holds {size} bytes, more than the limit of {size - 1} \(max_adapter"):
+        registry.add("b", folders["b"])
+    assert registry.names() == []
+    registry.add("a", folders["a"])  # alpha: rank 4, smaller
+    assert registry.names() == ["a"]
+
+
+def test_reserved_names_are_refused(tiny_llama_base, folders):
+    registry = AdapterRegistry(tiny_llama_base, 8, reserved_names={"tiny"})
+    with pytest.raises(AdapterNameError, match="base model's own name"):
+        registry.add("tiny", folders["a"], startup=True)
+    assert registry.names() == []
+
+
+class _BlockingReader:
+    """Reads take until `go` is set: an add stays in flight while the test does something else."""
+
+    def __init__(self, base) -> None:
+        self.inner = TorchAdapterReader(base)
+        self.go = threading.Event()
+
+    def read(self, name, source, version, pinned):
+        assert self.go.wait(30)
+        return self.inner.read(name, source, version, pinned)
+
+    def digest(self, source):
+        return self.inner.digest(source)
+
+
+def test_a_second_change_of_a_name_in_flight_is_refused_not_raced(tiny_llama_base, folders):
+    reader = _BlockingReader(tiny_llama_base)
+    registry = AdapterRegistry(tiny_llama_base, 8, reader=reader)
+    adding = threading.Thread(target=registry.add, args=("a", folders["a"]))
+    adding.start()
+    try:
+        for _ in range(200):
+            if registry.names():
+                break
+            time.sleep(0.01)
+        with pytest.raises(AdapterExistsError, match="right now"):
+            registry.add("a", folders["b"], replace=True)
+        with pytest.raises(AdapterExistsError, match="right now"):
+            registry.remove("a")
+    finally:
+        reader.go.set()
+        adding.join(30)
+    assert registry.resolve("a").rank == 4  # the first add won, whole
+    registry.remove("a")
+    assert registry.names() == []

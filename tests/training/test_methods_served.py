@@ -119,7 +119,7 @@ def test_add_adapter_serves_ia3_and_freeze_and_answers_400_for_full(
 
     base = load_base(PreparedBase(tiny_bert_dir.name, tiny_bert_dir, fingerprint_base_folder(tiny_bert_dir)), CPU_FP32)
     config = ServerConfig(base=str(tiny_bert_dir), served_name="tiny-bert", state_dir=tmp_path / "state",
-                          admin_token="test-token")
+                          admin_token="test-token", adapter_roots=[tmp_path.parent])  # the session's runs
     with TestClient(create_app(config, base=base)) as client:
         for method in ("prompt", "full"):
             answer = client.post("/v1/load_lora_adapter", headers=ADMIN,
