@@ -12,9 +12,11 @@ from fastapi import FastAPI, Request
 
 from adapters import resolve_base
 from server.api import routes_admin, routes_classify, routes_generate, routes_ops
+from server.api.body_limit import BodySizeLimit
 from server.api.errors import install_error_handlers
-from server.api.state import AppState
-from server.auth import establish_admin_token
+from server.api.lifecycle import Lifecycle, RequestTracker
+from server.api.state import AppState, Inference
+from server.auth import establish_admin_token, load_api_keys
 from server.config import ServerConfig
 from server.engine.backend import choose_backend
 from server.engine.base_head import base_classifier
@@ -23,6 +25,7 @@ from server.engine.classify_batcher import ClassifyBatcher
 from server.engine.scheduler import Scheduler, SchedulerLimits
 from server.metrics import EngineCollector, Metrics
 from server.registry import AdapterRegistry
+from server.registry_setup import build_registry
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,7 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
     if base is None:
         base = load_engine_base(config)
     metrics = Metrics()
-    registry = AdapterRegistry(base, config.max_adapters, config.max_cpu_loras, on_load=metrics.observe_adapter_load)
-    for name, path in config.adapters.items():
-        registry.add(name, path)
+    registry = build_registry(config, base, on_load=metrics.observe_adapter_load)  # start-up + restored adapters
     metrics.adapters_loaded.set(registry.ready_count())
     token = establish_admin_token(config.admin_token, config.state_dir, config.port)
     served = config.served_name or base.prepared.name
@@ -59,10 +60,11 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
             prefill_token_budget=config.max_num_batched_tokens, max_adapters_per_batch=config.max_loras,
         )
         scheduler = Scheduler(base, limits, lock, on_step=metrics.observe_step, merge=config.merge,
-                              threads=config.threads or None)
+                              threads=config.threads or None, request_timeout=config.request_timeout)
     classifier = ClassifyBatcher(base, lock, config.max_classify_batch, config.classify_max_length,
                                  on_batch=lambda n: metrics.batch_size.labels("classify").observe(n),
-                                 threads=config.threads or None)
+                                 threads=config.threads or None, max_waiting=config.max_classify_waiting,
+                                 request_timeout=config.request_timeout)
     metrics.registry.register(EngineCollector(lambda: engine_readings(scheduler, base, registry)))
     return AppState(config=config, base=base, registry=registry, metrics=metrics, admin_token=token,
                     served_name=served, scheduler=scheduler, classifier=classifier,
@@ -92,21 +94,34 @@ def engine_readings(scheduler: Scheduler | None, base: BaseModel, registry: Adap
 
 
 def create_app(config: ServerConfig, base: BaseModel | None = None) -> FastAPI:
+    """The app. Raises ValueError for an API key file that cannot be read (read here, before serving).
+
+    Around the routes, outermost first: RequestTracker (counts requests in flight for the drain),
+    BodySizeLimit (413 before any parsing), then FastAPI. The inference routers get `Inference` (API key,
+    then 503 while draining); the admin router has its own token; /health, /ready, /metrics are open.
+    """
+    lifecycle = Lifecycle(config.shutdown_timeout)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state = build_state(config, base)
         workers = [w for w in (state.scheduler, state.classifier) if w is not None]
         for worker in workers:
             worker.start()
+        lifecycle.workers = workers
         app.state.loraplex = state
         yield
         app.state.loraplex = None
-        for worker in workers:
+        for worker in workers:  # each answers what it still holds (EngineStopped: 503)
             worker.stop()
 
     app = FastAPI(title="loraplex", version="0.1.0", lifespan=lifespan)
+    app.state.lifecycle = lifecycle
+    app.state.api_keys = load_api_keys(config.api_key, config.api_key_file)
     install_error_handlers(app)
-    for module in (routes_generate, routes_classify, routes_admin, routes_ops):
+    for module in (routes_generate, routes_classify):
+        app.include_router(module.router, dependencies=[Inference])
+    for module in (routes_admin, routes_ops):
         app.include_router(module.router)
 
     @app.middleware("http")
@@ -122,4 +137,6 @@ def create_app(config: ServerConfig, base: BaseModel | None = None) -> FastAPI:
                 state.metrics.request_latency.labels(route.path, label).observe(time.perf_counter() - started)
         return response
 
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_bytes)
+    app.add_middleware(RequestTracker, lifecycle=lifecycle)  # added last: outermost
     return app

@@ -1,5 +1,11 @@
-"""OpenAI-style error bodies: {"error": {"message", "type", "code"}}. User errors are 4xx with a message;
-our own failures are logged with context and answered 500 with nothing internal in the body."""
+"""OpenAI-style error bodies: {"error": {"message", "type", "param", "code"}}, `param` naming the request field
+at fault (or null). User errors are 4xx with a message; our own failures are logged with context and
+answered 500 with nothing internal in the body.
+
+The engine's own endings map to statuses here, once (`engine_error`): a full queue 429, the shutdown
+503, the request timeout 504. 504 rather than 408: 408 says the *client* was too slow sending its
+request (RFC 9110 15.5.9, and clients may silently resend on it); here the server took too long to answer.
+Both 429 and 503 carry Retry-After."""
 
 from __future__ import annotations
 
@@ -11,42 +17,76 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters import AdapterError
+from server.engine.worker import EngineStopped, QueueFullError, RequestTimedOut
 from server.registry import AdapterExistsError, AdapterNotReadyError, RegistryFullError, UnknownAdapterError
 
 log = logging.getLogger(__name__)
 
+RETRY_AFTER_S = "1"
+RETRY_HEADERS = {"Retry-After": RETRY_AFTER_S}
+DRAIN_HEADERS = {"Retry-After": RETRY_AFTER_S, "Connection": "close"}  # send the client to another replica
+
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers: dict | None = None,
+                 param: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.kind = kind
         self.headers = headers
+        self.param = param
 
 
-def error_response(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+def error_response(status: int, message: str, kind: str, headers: dict | None = None,
+                   param: str | None = None) -> JSONResponse:
     return JSONResponse(
-        status_code=status, content={"error": {"message": message, "type": kind, "code": status}}, headers=headers
+        status_code=status, content={"error": {"message": message, "type": kind, "param": param, "code": status}},
+        headers=headers,
     )
+
+
+def engine_error(cause: BaseException | None, failure: str = "the request failed") -> "ApiError":
+    """The HTTP answer for an exception the engine ended a request with; `failure` for our own faults
+    (logged where they happened, never shown)."""
+    if isinstance(cause, QueueFullError):
+        return ApiError(429, f"server is busy: {cause}", "rate_limit_error", RETRY_HEADERS)
+    if isinstance(cause, EngineStopped):
+        return ApiError(503, f"{cause}; retry", "unavailable_error", DRAIN_HEADERS)
+    if isinstance(cause, RequestTimedOut):
+        return ApiError(504, str(cause), "timeout_error")
+    return ApiError(500, failure, "server_error")
+
+
+UNKNOWN_FIELD = "unrecognized request argument (this server refuses the fields it does not implement)"
 
 
 def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-        parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        msg = UNKNOWN_FIELD if err.get("type") == "extra_forbidden" else err.get("msg")
+        parts.append(f"{where}: {msg}" if where else str(msg))
     return "; ".join(parts) or "invalid request"
+
+
+def _validation_param(exc: RequestValidationError) -> str | None:
+    """The first offending field's dotted path (`messages.0.role`), as OpenAI's `param` names it."""
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        if where:
+            return where
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.kind, exc.headers)
+        return error_response(exc.status, exc.message, exc.kind, exc.headers, exc.param)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(400, _validation_message(exc), "invalid_request_error")
+        return error_response(400, _validation_message(exc), "invalid_request_error", param=_validation_param(exc))
 
     @app.exception_handler(UnknownAdapterError)
     async def _unknown(_: Request, exc: UnknownAdapterError) -> JSONResponse:
@@ -67,6 +107,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AdapterError)
     async def _adapter(_: Request, exc: AdapterError) -> JSONResponse:
         return error_response(400, str(exc), "invalid_adapter_error")
+
+    @app.exception_handler(QueueFullError)
+    @app.exception_handler(EngineStopped)
+    @app.exception_handler(RequestTimedOut)
+    async def _engine(_: Request, exc: Exception) -> JSONResponse:
+        error = engine_error(exc)
+        return error_response(error.status, error.message, error.kind, error.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

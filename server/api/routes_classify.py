@@ -6,13 +6,13 @@ import asyncio
 
 from fastapi import APIRouter, Request
 
-from server.api.errors import ApiError
-from server.api.schemas import ClassifyItem, ClassifyRequest, ClassifyResponse, Usage
+from server.api.errors import ApiError, engine_error
+from server.api.schemas import ClassifyItem, ClassifyRequest, ClassifyResponse, Usage, error_responses
 from server.api.state import AppState, State
 from server.engine.classify_batcher import ClassifyJob
 from server.engine.loaded import LoadedAdapter
 
-router = APIRouter(tags=["classification"])
+router = APIRouter(tags=["classification"], responses=error_responses(400, 404, 409, 429, 500, 503, 504))
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse)
@@ -23,7 +23,8 @@ async def classify(body: ClassifyRequest, request: Request, state: State) -> Cla
     if not texts:
         raise ApiError(400, "input must hold at least one text")
     if len(texts) > state.config.max_classify_batch:
-        raise ApiError(400, f"at most {state.config.max_classify_batch} inputs per request")
+        raise ApiError(400, f"input holds {len(texts)} texts; this server takes at most "
+                            f"{state.config.max_classify_batch} per request (max_classify_batch)")
     if any(not t for t in texts):
         raise ApiError(400, "inputs must not be empty strings")
     adapter = await state.acquire_model(body.model)
@@ -50,10 +51,10 @@ async def _classify(state: AppState, body: ClassifyRequest, texts: list[str], ad
     def done(outcome) -> None:  # on the batcher thread
         loop.call_soon_threadsafe(_settle, future, outcome)
 
-    state.classifier.submit(ClassifyJob(texts, adapter, done))
+    state.classifier.submit(ClassifyJob(texts, adapter, done))  # QueueFullError: 429 (errors.py)
     outcome = await future
     if isinstance(outcome, BaseException):
-        raise ApiError(500, "classification failed", "server_error") from outcome
+        raise engine_error(outcome, "classification failed") from outcome
     results = outcome
     state.metrics.classified_inputs.labels(request.state.adapter_label).inc(len(texts))
     state.metrics.prompt_tokens.labels(request.state.adapter_label).inc(tokens)

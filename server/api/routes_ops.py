@@ -8,13 +8,13 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.api.schemas import ModelCard, ModelList
-from server.api.state import State
+from server.api.state import ApiKey, State
 from server.registry import AdapterState
 
 router = APIRouter(tags=["ops"])
 
 
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, dependencies=[ApiKey])
 async def list_models(state: State) -> ModelList:
     base_task = "completion" if state.base.can_generate else "classification"
     cards = [ModelCard(id=state.served_name, created=state.started_at, root=str(state.base.prepared.path), task=base_task)]
@@ -41,8 +41,10 @@ async def health(request: Request) -> Response:
 
 @router.get("/ready")
 async def ready(request: Request) -> Response:
-    state = getattr(request.app.state, "loraplex", None)
-    if state is None:
+    """503 while starting and from the moment a drain begins (server/api/lifecycle.py), else 200."""
+    if request.app.state.lifecycle.draining:
+        return Response('{"status": "draining"}', status_code=503, media_type="application/json")
+    if getattr(request.app.state, "loraplex", None) is None:
         return Response('{"status": "starting"}', status_code=503, media_type="application/json")
     return Response('{"status": "ready"}', media_type="application/json")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
@@ -10,7 +9,9 @@ from typing import TYPE_CHECKING, Annotated
 from fastapi import Depends, Header, Request
 from starlette.concurrency import run_in_threadpool
 
-from server.api.errors import ApiError
+from server.api.errors import DRAIN_HEADERS, ApiError
+from server.api.lifecycle import Lifecycle
+from server.auth import bearer_matches, secret_bytes
 from server.config import ServerConfig
 from server.engine.base_model import BaseModel
 from server.engine.loaded import LoadedAdapter
@@ -65,11 +66,32 @@ def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
-def require_admin(state: State, authorization: Annotated[str | None, Header()] = None) -> None:
-    """Admin routes need `Authorization: Bearer <token>`; compared in constant time."""
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not token or not secrets.compare_digest(token.strip(), state.admin_token):
-        raise ApiError(401, "admin token missing or wrong", "authentication_error", {"WWW-Authenticate": "Bearer"})
+Authorization = Annotated[str | None, Header()]
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def require_admin(state: State, authorization: Authorization = None) -> None:
+    """Admin routes need `Authorization: Bearer <admin token>` (an API key does not do); constant time."""
+    if not bearer_matches(authorization, [secret_bytes(state.admin_token)]):
+        raise ApiError(401, "admin token missing or wrong", "authentication_error", CHALLENGE)
+
+
+def require_api_key(request: Request, authorization: Authorization = None) -> None:
+    """With API keys configured, `Authorization: Bearer <key>` (the OpenAI clients' header); else open.
+    The admin token is not an API key (server/auth.py says why)."""
+    keys: tuple[bytes, ...] = request.app.state.api_keys
+    if keys and not bearer_matches(authorization, keys):
+        raise ApiError(401, "API key missing or wrong: send `Authorization: Bearer <key>`", "authentication_error",
+                       CHALLENGE)
+
+
+def admit_inference(request: Request, _: Annotated[None, Depends(require_api_key)]) -> None:
+    """Inference routes: the API key, then admission, which stops (503) once the server drains."""
+    lifecycle: Lifecycle = request.app.state.lifecycle
+    if lifecycle.draining:
+        raise ApiError(503, "the server is shutting down; retry", "unavailable_error", DRAIN_HEADERS)
 
 
 Admin = Depends(require_admin)
+ApiKey = Depends(require_api_key)
+Inference = Depends(admit_inference)

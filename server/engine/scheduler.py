@@ -5,6 +5,10 @@ requests under a slot budget, a prefill-token budget and an adapter budget, (3) 
 ones in one batched forward, and (4) decodes one token for every running request in one batched
 forward, whatever adapter each uses. Outputs go back through each request's `emit` callback.
 Running requests keep KV slots 0..n-1 in order, so the decode step reads the cache without a gather.
+
+Every request gets exactly one ending: a delta with a finish reason, or one exception through `emit`
+(RequestTimedOut past `request_timeout`, EngineStopped at shutdown or abort, the step's error), queued
+requests included.
 """
 
 from __future__ import annotations
@@ -16,31 +20,37 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from server.engine.worker import EngineStopped, ModelWorker, QueueFullError, RequestTimedOut
+
 from server.engine.base_model import BaseModel
 from server.engine.batch_runner import BatchRunner, RowInput
 from server.engine.decode_state import DecodeState, TextDelta
 from server.engine.generate import eos_ids
 from server.engine.loaded import LoadedAdapter
 from server.engine.merge_mode import Merger
-from server.engine.worker import ModelWorker
 from server.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05
+__all__ = ["GenerationRequest", "QueueFullError", "Scheduler", "SchedulerLimits"]  # QueueFullError: worker.py's
 
 
-class QueueFullError(RuntimeError):
-    """The waiting queue is at its bound; the client should retry later (HTTP 429)."""
+def _config_default(name: str) -> int:
+    """Defaults come from ServerConfig, the one place they are written (the fields named here)."""
+    from server.config import ServerConfig
+
+    return ServerConfig.model_fields[name].default
 
 
 @dataclass(frozen=True)
 class SchedulerLimits:
-    max_running: int = 16  # KV slots: requests decoding at once
-    max_waiting: int = 256  # bounded queue; beyond it submit() raises QueueFullError
-    max_len: int = 2048  # prompt + completion tokens per request (KV slot length)
-    prefill_token_budget: int = 2048  # prompt tokens prefilled in one step (a longer lone prompt still runs)
-    max_adapters_per_batch: int = 32  # distinct adapters in the running batch
+    max_running: int = _config_default("max_num_seqs")  # KV slots: requests decoding at once
+    max_waiting: int = _config_default("max_waiting")  # bounded queue; beyond it submit() raises QueueFullError
+    max_len: int = _config_default("max_model_len")  # prompt + completion tokens per request (KV slot length)
+    # prompt tokens prefilled in one step (a longer lone prompt still runs)
+    prefill_token_budget: int = _config_default("max_num_batched_tokens")
+    max_adapters_per_batch: int = _config_default("max_loras")  # distinct adapters in the running batch
 
 
 @dataclass(eq=False)
@@ -51,6 +61,7 @@ class GenerationRequest:
     emit: Callable[[TextDelta | BaseException], None]  # called on the scheduler thread
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float | None = None
+    deadline: float | None = None  # on the scheduler's clock; set by submit() when a request timeout is on
     cancelled: bool = False
 
     def cancel(self) -> None:
@@ -81,8 +92,13 @@ class SchedulerStats:
 class Scheduler(ModelWorker):
     def __init__(self, base: BaseModel, limits: SchedulerLimits, model_lock: threading.Lock,
                  on_step: Callable[[str, int, float], None] | None = None, merge: bool = False,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, request_timeout: float = 0,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        """`request_timeout` (seconds, 0: none) bounds a request's time from `submit` to its last token;
+        past it the request is failed with RequestTimedOut and its slot is freed. `clock` is for tests."""
         super().__init__(base, model_lock, "loraplex-scheduler", threads)
+        self.request_timeout = request_timeout
+        self.clock = clock
         self.merger = Merger(base) if merge else None  # merge mode: one adapter in the weights at a time
         self.limits = limits
         self.runner = BatchRunner(base, limits.max_running, limits.max_len)
@@ -104,8 +120,11 @@ class Scheduler(ModelWorker):
             extra = f" (with the adapter's {virtual} virtual tokens)" if virtual else ""
             raise ValueError(f"prompt + max_tokens exceeds {self.limits.max_len} tokens{extra}")
         with self._cond:
+            self._check_open()
             if len(self._waiting) >= self.limits.max_waiting:
                 raise QueueFullError(f"{len(self._waiting)} requests are waiting already")
+            if self.request_timeout:
+                request.deadline = self.clock() + self.request_timeout
             self._waiting.append(request)
             self.stats.waiting = len(self._waiting)
             self._cond.notify()
@@ -119,6 +138,10 @@ class Scheduler(ModelWorker):
                     self._cond.wait(IDLE_WAIT_S)
                 if self._stop:
                     break
+                if self._abort_pending:
+                    self._fail_all(self._refusal)
+                    self._abort_pending = False
+                self._expire()
                 admitted = self._admit()
             self._drop_cancelled()
             if admitted and self.merger is not None and admitted[0].request.adapter is not self.merger.merged:
@@ -134,8 +157,39 @@ class Scheduler(ModelWorker):
             self.stats.steps += 1
             self.stats.running = len(self._running)
             self.stats.kv_tokens = sum(r.length for r in self._running)
+        with self._cond:
+            self._fail_all(EngineStopped("the server is shutting down"))
+
+    def _fail_all(self, reason: BaseException) -> None:
+        """End every waiting and running request with `reason` (caller holds `_cond`); the next
+        `_compact` frees the running ones' slots."""
+        while self._waiting:
+            request = self._waiting.popleft()
+            if not request.cancelled:
+                request.emit(reason)
         for running in self._running:
-            running.request.emit(RuntimeError("server shutting down"))
+            if not running.state.finished:
+                running.request.emit(reason)
+                running.state.finished = True
+                running.next_token = None
+        self.stats.waiting = 0
+
+    def _expire(self) -> None:
+        """Fail the requests past their deadline, waiting and running (caller holds `_cond`)."""
+        if not self.request_timeout:
+            return
+        now = self.clock()
+        expired = [r for r in self._waiting if r.deadline is not None and r.deadline <= now]
+        for request in expired:
+            self._waiting.remove(request)
+            if not request.cancelled:
+                request.emit(RequestTimedOut(self.request_timeout))
+        for running in self._running:
+            deadline = running.request.deadline
+            if deadline is not None and deadline <= now and not running.state.finished:
+                running.request.emit(RequestTimedOut(self.request_timeout))
+                running.state.finished = True
+                running.next_token = None
 
     def _admit(self) -> list[_Running]:
         """Move waiting requests into free slots, FIFO, within the budgets (caller holds the lock)."""

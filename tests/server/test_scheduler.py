@@ -12,6 +12,7 @@ from server.engine.generate import generate_tokens
 from server.engine.loaded import load_adapter
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import GenerationRequest, QueueFullError, Scheduler, SchedulerLimits
+from server.engine.worker import EngineStopped, RequestTimedOut
 from tests.server.conftest import CPU_FP32, WAIT_S, Collector
 
 PROMPTS = ["Once upon a time", "The capital of France is", "def fibonacci(n):", "I like to eat", "Hello!"]
@@ -125,3 +126,82 @@ def test_merge_mode_matches_unmerged_and_swaps(tiny_llama_base, loaded):
     torch.testing.assert_close(q_proj, original, atol=1e-6, rtol=0)
     for tokens, (_, prompt, adapter) in zip(results, jobs):
         assert tokens == _reference(tiny_llama_base, prompt, params, adapter)
+
+
+LONG = SamplingParams(max_tokens=100, ignore_eos=True)  # outlives each test's stop / abort / timeout
+
+
+def _wait_for_first_token(collector: Collector) -> None:
+    while not collector.deltas:
+        assert not collector.done.wait(0.01), "the request ended before its first token"
+
+
+def test_stop_answers_running_and_queued_requests(tiny_llama_base):
+    """Regression: at shutdown only the running requests were told; queued ones never got an answer."""
+    sched = Scheduler(tiny_llama_base, SchedulerLimits(max_running=1, max_waiting=8, max_len=128), MODEL_LOCK)
+    collectors = [_submit(sched, tiny_llama_base, "hi", LONG, None)[1] for _ in range(3)]
+    sched.start()
+    _wait_for_first_token(collectors[0])
+    sched.stop()  # joins the thread: every answer has been emitted by now
+    assert all(c.done.is_set() for c in collectors)
+    assert all(isinstance(c.error, EngineStopped) for c in collectors)
+    with pytest.raises(EngineStopped):  # nothing would run it
+        _submit(sched, tiny_llama_base, "hi", LONG, None)
+
+
+def test_abort_fails_everything_and_refuses_new_requests(tiny_llama_base):
+    sched = Scheduler(tiny_llama_base, SchedulerLimits(max_running=1, max_waiting=8, max_len=128), MODEL_LOCK)
+    collectors = [_submit(sched, tiny_llama_base, "hi", LONG, None)[1] for _ in range(3)]
+    sched.start()
+    try:
+        _wait_for_first_token(collectors[0])
+        reason = EngineStopped("shutdown timeout")
+        sched.abort(reason)
+        assert all(c.done.wait(WAIT_S) for c in collectors)
+        assert all(c.error is reason for c in collectors)
+        with pytest.raises(EngineStopped):
+            _submit(sched, tiny_llama_base, "hi", LONG, None)
+    finally:
+        sched.stop()
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class AdvanceClockAfter(Collector):
+    """Moves the scheduler's clock past every deadline once `after` tokens have arrived."""
+
+    def __init__(self, clock: FakeClock, after: int) -> None:
+        super().__init__()
+        self.clock, self.after = clock, after
+
+    def __call__(self, item) -> None:
+        super().__call__(item)
+        if len(self.deltas) == self.after:
+            self.clock.now += 1000
+
+
+def test_request_timeout_fails_running_and_waiting_and_frees_the_slot(tiny_llama_base):
+    clock = FakeClock()
+    sched = Scheduler(tiny_llama_base, SchedulerLimits(max_running=1, max_waiting=8, max_len=128), MODEL_LOCK,
+                      request_timeout=10, clock=clock)
+    prompt_ids = tiny_llama_base.tokenizer("hi")["input_ids"]
+    running = AdvanceClockAfter(clock, after=3)
+    sched.submit(GenerationRequest(prompt_ids, LONG, None, emit=running))
+    _, waiting = _submit(sched, tiny_llama_base, "hi", LONG, None)
+    sched.start()
+    try:
+        assert running.done.wait(WAIT_S) and waiting.done.wait(WAIT_S)
+        assert isinstance(running.error, RequestTimedOut) and len(running.deltas) == 3  # stopped at its deadline
+        assert isinstance(waiting.error, RequestTimedOut) and waiting.deltas == []
+        assert "request timeout of 10 s" in str(running.error)
+        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        _, after = _submit(sched, tiny_llama_base, PROMPTS[1], params, None)  # the one slot, reused
+        assert after.tokens == _reference(tiny_llama_base, PROMPTS[1], params, None)  # no stale KV either
+    finally:
+        sched.stop()
