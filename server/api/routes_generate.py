@@ -12,16 +12,22 @@ from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from jinja2 import TemplateError
 
-from server.api.errors import ApiError
-from server.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.api.errors import ApiError, engine_error
+from server.api.schemas import (
+    ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, SamplingFields,
+    error_responses,
+)
 from server.api.state import AppState, State
 from server.engine.decode_state import TextDelta
 from server.engine.loaded import LoadedAdapter
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import GenerationRequest, QueueFullError
 
-router = APIRouter(tags=["generation"])
+router = APIRouter(tags=["generation"], responses=error_responses(400, 404, 409, 429, 500, 503, 504))
+STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+                  "description": "the completion; server-sent events ending `data: [DONE]` when `stream` is true"}}
 RETRY_AFTER_S = "1"
 DISCONNECT_POLL_S = 0.5
 
@@ -39,13 +45,13 @@ class GenerationJob:
     started: float
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", response_model=CompletionResponse, responses=STREAMED)
 async def completions(body: CompletionRequest, request: Request, state: State):
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
-        raise ApiError(400, "exactly one prompt per request is served; send one request per prompt")
+        raise ApiError(400, "exactly one prompt per request is served; send one request per prompt", param="prompt")
     if not prompts[0]:
-        raise ApiError(400, "prompt must not be empty")
+        raise ApiError(400, "prompt must not be empty", param="prompt")
     adapter = await _acquire_generation_model(state, body.model, request)
     try:
         prompt_ids = state.base.tokenizer(prompts[0], add_special_tokens=True)["input_ids"]
@@ -56,19 +62,21 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     return await _respond(state, job, body, request)  # the submission releases the adapter when done
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAMED)
 async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
     adapter = await _acquire_generation_model(state, body.model, request)
     try:
         tokenizer = state.base.tokenizer
         if not getattr(tokenizer, "chat_template", None):
             raise ApiError(400, f"base {state.served_name!r} has no chat template; use /v1/completions")
-        if all(not m.content for m in body.messages):
-            raise ApiError(400, "messages must not all be empty")
-        messages = [m.model_dump() for m in body.messages]
-        prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        job = _make_job(state, body, max_tokens, adapter, list(prompt_ids), chat=True)
+        messages = [m.for_template() for m in body.messages]
+        if all(not m["content"] for m in messages):
+            raise ApiError(400, "messages must not all be empty", param="messages")
+        try:
+            prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except TemplateError as exc:  # a template may refuse an order of roles ("roles must alternate", ...)
+            raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
+        job = _make_job(state, body, body.completion_limit(), adapter, list(prompt_ids), chat=True)
     except BaseException:
         state.release_model(adapter)
         raise
@@ -91,27 +99,41 @@ def _make_job(
     state: AppState, body: SamplingFields, max_tokens: int | None, adapter: LoadedAdapter | None,
     prompt_ids: list[int], chat: bool,
 ) -> GenerationJob:
-    limit = state.config.max_tokens_limit
-    max_tokens = max_tokens or min(state.config.default_max_tokens, state.max_model_len - len(prompt_ids))
-    if max_tokens > limit:
-        raise ApiError(400, f"max_tokens={max_tokens} is above this server's limit of {limit}")
-    if len(prompt_ids) + max_tokens > state.max_model_len:
-        raise ApiError(
-            400,
-            f"this model's context is {state.max_model_len} tokens; the prompt has {len(prompt_ids)} and "
-            f"max_tokens asks for {max_tokens}. Shorten the prompt or lower max_tokens.",
-        )
+    max_tokens = _completion_budget(state, max_tokens, len(prompt_ids), adapter, "messages" if chat else "prompt")
     if body.min_tokens > max_tokens:
-        raise ApiError(400, f"min_tokens={body.min_tokens} is above max_tokens={max_tokens}")
-    stops = body.stop_strings()
-    if len(stops) > 8:
-        raise ApiError(400, "at most 8 stop strings are allowed")
+        raise ApiError(400, f"min_tokens={body.min_tokens} is above max_tokens={max_tokens}", param="min_tokens")
+    stops = body.stop_strings()  # count and length bounded by the schema
     params = SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
         seed=body.seed, stop=stops, ignore_eos=body.ignore_eos, min_tokens=body.min_tokens,
     )
     prefix = "chatcmpl" if chat else "cmpl"
     return GenerationJob(f"{prefix}-{uuid.uuid4().hex}", body.model, adapter, prompt_ids, params, chat, time.perf_counter())
+
+
+def _completion_budget(state: AppState, max_tokens: int | None, prompt_tokens: int,
+                       adapter: LoadedAdapter | None, prompt_field: str) -> int:
+    """The request's max_tokens, checked against the context, which holds the prompt-learning adapter's
+    virtual tokens as well (a prompt-tuning or prefix adapter's V positions come first). With max_tokens
+    omitted it is min(default_max_tokens, the room left), and at least one token of room must be left."""
+    context, limit = state.max_model_len, state.config.max_tokens_limit
+    virtual = getattr(adapter, "num_virtual_tokens", 0)  # the onnxruntime backend's exports have none
+    used = prompt_tokens + virtual
+    in_prompt = f"{prompt_tokens} in the prompt" + (f", {virtual} virtual tokens of adapter {adapter.name!r}"
+                                                    if virtual else "")
+    if max_tokens is None:
+        if used >= context:
+            raise ApiError(400, f"This model's maximum context length is {context} tokens. However, your prompt "
+                                f"uses {used} tokens ({in_prompt}), which leaves no room for a completion. "
+                                f"Shorten the prompt.", param=prompt_field)
+        return min(state.config.default_max_tokens, context - used)
+    if max_tokens > limit:
+        raise ApiError(400, f"max_tokens={max_tokens} is above this server's limit of {limit}", param="max_tokens")
+    if used + max_tokens > context:
+        raise ApiError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                            f"{used + max_tokens} tokens ({in_prompt}, {max_tokens} in the completion). "
+                            f"Shorten the prompt or lower max_tokens.", param="max_tokens")
+    return max_tokens
 
 
 async def _respond(state: AppState, job: GenerationJob, body: SamplingFields, request: Request):
@@ -125,8 +147,8 @@ async def _respond(state: AppState, job: GenerationJob, body: SamplingFields, re
     submission = _Submission(state, job)
     try:
         deltas = [d async for d in _until_disconnect(submission.deltas(), request)]
-    except GenerationFailed as exc:
-        raise ApiError(500, "generation failed", "server_error") from exc
+    except GenerationFailed as exc:  # 504 past --request-timeout, 503 at shutdown, else 500
+        raise engine_error(exc.__cause__, "generation failed") from exc
     finally:
         submission.close()
     text = "".join(d.text for d in deltas)
@@ -270,8 +292,9 @@ async def _sse(submission: _Submission, include_usage: bool, latency) -> AsyncIt
                      "total_tokens": len(job.prompt_ids) + completion_tokens}
             yield chunk({}, usage)
         yield "data: [DONE]\n\n"
-    except GenerationFailed:
-        yield f"data: {json.dumps({'error': {'message': 'generation failed', 'type': 'server_error', 'code': 500}})}\n\n"
+    except GenerationFailed as exc:
+        error = engine_error(exc.__cause__, "generation failed")
+        yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.kind, 'code': error.status}})}\n\n"
     finally:
         await gen.aclose()
         submission.close()

@@ -1,35 +1,121 @@
-"""Request and response bodies (pydantic at the HTTP edge; nothing past the routes sees a raw dict)."""
+"""Request and response bodies (pydantic at the HTTP edge; nothing past the routes sees a raw dict).
+
+What happens to a request field we do not serve, decided once here:
+
+- **Unknown fields are refused** (400 naming the field, `param` set), as OpenAI itself refuses an
+  unrecognized argument. A typo such as `max_token` or a vLLM extra we do not implement
+  (`repetition_penalty`, `min_p`, ...) silently ignored would change the output without a word.
+  vLLM's extras that we implement (`top_k`, `min_tokens`, `ignore_eos`) are declared fields.
+- **OpenAI fields we do not implement** (`_not_implemented(...)`: penalties, logit_bias, logprobs, best_of,
+  echo, suffix, response_format, tools, ...) are declared, so the OpenAPI schema lists them, and refused
+  with a 400 naming them unless the value is OpenAI's default or means "off" (`presence_penalty: 0`,
+  `logprobs: null`, `echo: false`, `tools: []`): such a value asks for nothing we leave out, and clients
+  that send every field with its default (the stock `openai` client sends only what it is given) work.
+- `user` is accepted and unused: an end-user label for abuse monitoring that changes no output.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 256  # per stop string: the stream's hold-back check costs len(stop)^2 per token
 MAX_TEMPERATURE = 2.0
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+NOT_SUPPORTED = "not supported by this server"
 
 
-class StreamOptions(BaseModel):
+class StrictBody(BaseModel):
+    """A request body: unknown fields and non-finite numbers (Python's json reads NaN) are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(StrictBody):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
-    """Fields shared by completions and chat (OpenAI's, plus vLLM's top_k, ignore_eos, min_tokens)."""
+NOT_IMPLEMENTED_MARK = "x-not-implemented"
+
+
+def _not_implemented(*accepted: Any) -> Any:
+    """A declared OpenAI field we do not serve: null by default; the schema lists the values that ask for
+    nothing (`enum`: null and OpenAI's default), `SamplingFields` refuses the rest naming the field."""
+    shown = " or ".join(json.dumps(v) for v in (None, *accepted))
+    return Field(None, description=f"{NOT_SUPPORTED}: only {shown} (a no-op) is accepted",
+                 json_schema_extra={"enum": [None, *accepted], NOT_IMPLEMENTED_MARK: True})
+
+
+def _same_value(value: Any, accepted: Any) -> bool:
+    """JSON equality: 0 == 0.0, but false is not 0."""
+    return value == accepted and isinstance(value, bool) == isinstance(accepted, bool)
+
+
+class SamplingFields(StrictBody):
+    """Fields shared by completions and chat (OpenAI's, plus vLLM's top_k, ignore_eos, min_tokens).
+
+    A field declared with `_not_implemented(...)` accepts only the values that ask for nothing (see the
+    module docstring); any other value is a 400 naming the field.
+    """
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(-1, ge=-1)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    top_k: int = Field(-1, ge=-1, description="vLLM's: -1 or 0 means no top-k cut")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stop: str | list[str] | None = Field(
+        None, description=f"at most {MAX_STOP_STRINGS}, each at most {MAX_STOP_CHARS} characters",
+        json_schema_extra={"anyOf": [  # documented here, checked by `_bounded_stops` (its messages are clearer)
+            {"type": "string", "maxLength": MAX_STOP_CHARS},
+            {"type": "array", "items": {"type": "string", "maxLength": MAX_STOP_CHARS}, "maxItems": MAX_STOP_STRINGS},
+            {"type": "null"}]})
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1, description="only n=1 is served")
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
-    user: str | None = None
+    user: str | None = Field(None, description="accepted and unused (an end-user label; it changes no output)")
+    presence_penalty: float | None = _not_implemented(0)
+    frequency_penalty: float | None = _not_implemented(0)
+    logit_bias: dict[str, float] | None = _not_implemented({})
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _refuse_not_implemented(cls, value: Any, info: ValidationInfo) -> Any:
+        """Before the type check, so that any other value (`"0"` too) gets this message, not a type error."""
+        extra = cls.model_fields[info.field_name].json_schema_extra
+        if not isinstance(extra, dict) or not extra.get(NOT_IMPLEMENTED_MARK):
+            return value
+        accepted = extra["enum"]
+        if any(_same_value(value, ok) for ok in accepted):
+            return value
+        raise PydanticCustomError(
+            "not_supported", "{field} is " + NOT_SUPPORTED + "; omit it or send {accepted}",
+            {"field": info.field_name, "accepted": " or ".join(json.dumps(ok) for ok in accepted)},
+        )
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise PydanticCustomError("too_many_stops", f"at most {MAX_STOP_STRINGS} stop strings are allowed")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise PydanticCustomError("stop_too_long", f"a stop string may hold at most {MAX_STOP_CHARS} characters")
+        return stop
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, options: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):  # `stream` is declared (so validated) first
+            raise PydanticCustomError("stream_options", "stream_options is only allowed when stream is true")
+        return options
 
     def stop_strings(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -37,28 +123,132 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: str | list[str] = Field(
+        description="one non-empty prompt (a list holding one is accepted)",
+        json_schema_extra={"anyOf": [  # documented here, checked by the route (its messages are clearer)
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]})
+    logprobs: int | None = _not_implemented()
+    best_of: int | None = _not_implemented(1)
+    echo: bool | None = _not_implemented(False)
+    suffix: str | None = _not_implemented("")
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
+class TextPart(StrictBody):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictBody):
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="`developer` is OpenAI's newer name for `system` and is served as one")
+    content: str | list[TextPart] = Field(description="a string, or text parts (joined with newlines, as vLLM does)")
+
+    def for_template(self) -> dict[str, str]:
+        """The message as a chat template reads it: plain text, `developer` served as `system`."""
+        text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = _not_implemented(False)
+    top_logprobs: int | None = _not_implemented(0)
+    response_format: dict[str, Any] | None = _not_implemented({"type": "text"})
+    tools: list[dict[str, Any]] | None = _not_implemented([])
+    tool_choice: str | dict[str, Any] | None = _not_implemented("none")
+    functions: list[dict[str, Any]] | None = _not_implemented([])
+    function_call: str | dict[str, Any] | None = _not_implemented("none")
+    parallel_tool_calls: bool | None = _not_implemented(True)
+    modalities: list[str] | None = _not_implemented(["text"])
+    audio: dict[str, Any] | None = _not_implemented()
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_completion_limit(cls, limit: int | None, info: ValidationInfo) -> int | None:
+        old = info.data.get("max_tokens")  # declared in SamplingFields, so validated first
+        if limit is not None and old is not None and old != limit:
+            raise PydanticCustomError(
+                "max_tokens", "max_tokens and max_completion_tokens disagree; send one (max_tokens is its old name)")
+        return limit
+
+    def completion_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(StrictBody):
     model: str = Field(min_length=1)
     input: str | list[str]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body; every 4xx and 5xx this server sends has it."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` a route documents in the OpenAPI schema, one ErrorResponse per status."""
+    return {status: {"model": ErrorResponse, "description": _STATUS_MEANING.get(status, "error")}
+            for status in statuses}
+
+
+_STATUS_MEANING = {
+    400: "bad request (the message says what to change)", 401: "admin token missing or wrong",
+    404: "unknown model or adapter", 409: "adapter not ready, or exists already", 429: "queue full; retry",
+    500: "our failure (logged; nothing internal is shown)", 503: "starting or shutting down; retry",
+    504: "past the request timeout", 507: "no room for another adapter",
+}
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int = 0
     total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: Literal["stop", "length"] | None
+    logprobs: None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
 
 
 class ClassifyItem(BaseModel):

@@ -6,6 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
+# Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing logits by a tinier one
+# overflows them to inf, and softmax of inf - inf is NaN, which torch.multinomial refuses.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -18,9 +23,17 @@ class SamplingParams:
     ignore_eos: bool = False
     min_tokens: int = 0
 
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, not {self.max_tokens}")
+        if not 0.0 <= self.temperature < float("inf") or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"temperature={self.temperature} / top_p={self.top_p} out of range")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ValueError(f"seed={self.seed} is outside {SEED_RANGE}")
+
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 class Sampler:

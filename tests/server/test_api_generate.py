@@ -188,3 +188,61 @@ def test_closing_a_submission_cancels_and_releases_once(llama_client):
     submission = asyncio.run(submit_and_close())
     assert submission.request.cancelled
     assert state.registry._holds[id(adapter)] == holds_before - 1
+
+
+# -- hostile inputs (each once reached the engine and failed there: a 500, or a dead scheduler thread) ---
+
+@pytest.mark.parametrize("seed", [2**64, -(2**63) - 1])
+def test_a_seed_torch_cannot_take_is_a_400_and_the_scheduler_lives(llama_client, seed):
+    """Before: pydantic took any int; torch.Generator.manual_seed raised inside the scheduler's admit step,
+    outside its per-step error handling, and the scheduler thread died with the request unanswered."""
+    response = llama_client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "temperature": 0.7,
+                                                          "seed": seed, "max_tokens": 2})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "seed"
+    edge = _complete(llama_client, temperature=0.7, seed=2**64 - 1)
+    assert edge["usage"]["completion_tokens"] >= 1
+    assert llama_client.get("/health").status_code == 200
+
+
+def test_a_tiny_temperature_samples_greedily_instead_of_failing(llama_client):
+    """Before: logits / 1e-300 overflowed to inf, softmax gave NaN and torch.multinomial refused it: a 500."""
+    greedy = _complete(llama_client, ignore_eos=True)
+    tiny = _complete(llama_client, temperature=1e-300, ignore_eos=True)
+    assert tiny["choices"][0]["text"] == greedy["choices"][0]["text"]
+
+
+def test_sampling_params_refuse_what_the_engine_cannot_run():
+    from server.engine.sampling import SamplingParams
+
+    for bad in ({"max_tokens": 0}, {"max_tokens": 1, "seed": 2**64}, {"max_tokens": 1, "temperature": -1.0},
+                {"max_tokens": 1, "top_p": 0.0}, {"max_tokens": 1, "temperature": float("nan")}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+    assert SamplingParams(max_tokens=1, temperature=1e-9).greedy
+
+
+def test_a_stop_string_too_long_is_refused(llama_client):
+    """A long stop string costs len(stop)^2 per token in the stream's hold-back check: bounded at the edge."""
+    response = llama_client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "stop": ["a" * 257]})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "stop"
+    too_many = llama_client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "stop": list("abcdefghi")})
+    assert too_many.status_code == 400 and "at most 8" in too_many.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("number", [b"NaN", b"Infinity", b"-Infinity"])
+def test_non_finite_numbers_are_refused(llama_client, number):
+    """Python's json reads NaN and Infinity; no field takes them."""
+    body = b'{"model": "alpha", "prompt": "hi", "max_tokens": 2, "temperature": ' + number + b"}"
+    response = llama_client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "temperature"
+
+
+def test_a_chat_template_that_refuses_the_messages_is_a_400(llama_client, monkeypatch):
+    """Templates may raise (`raise_exception('roles must alternate')`); that was a 500."""
+    tokenizer = llama_client.app.state.loraplex.base.tokenizer
+    monkeypatch.setattr(tokenizer, "chat_template", "{{ raise_exception('Conversation roles must alternate') }}")
+    body = {"model": "alpha", "messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]}
+    response = llama_client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert "roles must alternate" in response.json()["error"]["message"]
+    assert response.json()["error"]["param"] == "messages"
