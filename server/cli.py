@@ -65,7 +65,8 @@ def _leave_cores_to_workers() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.api.app import create_app, load_engine_base
+    from server.api.app import build_state, create_app
+    from server.registry import AdapterExistsError, RegistryFullError
     from server.api.lifecycle import run_server
 
     try:
@@ -80,17 +81,11 @@ def _serve(args: argparse.Namespace) -> int:
     if not config.threads:
         config = config.model_copy(update={"threads": _default_threads()})
     _leave_cores_to_workers()
-    base = None
-    if config.backend == "torch":  # load before serving, so a bad base or --quant is one line, not a traceback
-        try:
-            base = load_engine_base(config)
-        except ValueError as exc:  # unknown base, --quant this machine can't run, a checkpoint that doesn't match
-            print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
-            return EXIT_USAGE
-    try:
-        app = create_app(config, base)  # reads --api-key-file: an unreadable one is a usage error
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    try:  # everything heavy before serving: a bad base, --quant, --adapter or key file is one line, exit 2
+        state = build_state(config)
+        app = create_app(config, state=state)
+    except (ValueError, AdapterExistsError, RegistryFullError) as exc:
+        print(f"error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return EXIT_USAGE
     return run_server(app, config.host, config.port, config.log_level)
 

@@ -1,4 +1,4 @@
-"""The app factory: everything heavy is built in the lifespan; tests build their own app."""
+"""The app factory: the state is built before serving (the CLI) or in the lifespan (tests build their own app)."""
 
 from __future__ import annotations
 
@@ -93,18 +93,20 @@ def engine_readings(scheduler: Scheduler | None, base: BaseModel, registry: Adap
     return values
 
 
-def create_app(config: ServerConfig, base: BaseModel | None = None) -> FastAPI:
-    """The app. Raises ValueError for an API key file that cannot be read (read here, before serving).
+def create_app(config: ServerConfig, base: BaseModel | None = None, state: AppState | None = None) -> FastAPI:
+    """The app, on `state` if given (the CLI builds it before serving), else built in the lifespan on `base`
+    (loaded there if None). Raises ValueError for an API key file that cannot be read (read here, before serving).
 
     Around the routes, outermost first: RequestTracker (counts requests in flight for the drain),
     BodySizeLimit (413 before any parsing), then FastAPI. The inference routers get `Inference` (API key,
     then 503 while draining); the admin router has its own token; /health, /ready, /metrics are open.
     """
     lifecycle = Lifecycle(config.shutdown_timeout)
+    built = state
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = build_state(config, base)
+        state = built if built is not None else build_state(config, base)
         workers = [w for w in (state.scheduler, state.classifier) if w is not None]
         for worker in workers:
             worker.start()

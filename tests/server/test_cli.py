@@ -68,3 +68,16 @@ def test_bad_serve_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["serve", "--adapter", "no-equals-sign"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("problem", ["missing-folder", "base-name"])
+def test_a_bad_start_up_adapter_is_one_line_and_exit_2(problem, tmp_path, tiny_llama_dir, tiny_adapters, capsys):
+    """Start-up adapters are registered before serving: a bad one is a one-line error, never a traceback in
+    the lifespan with the port half-open."""
+    name, path = ("ok", tmp_path / "nope") if problem == "missing-folder" else (tiny_llama_dir.name,
+                                                                                 tiny_adapters["alpha"])
+    code = main(["serve", "--base", str(tiny_llama_dir), "--port", str(_free_port()), "--state-dir",
+                 str(tmp_path / "state"), "--adapter", f"{name}={path}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
