@@ -25,6 +25,8 @@ PROMPT = "The quick brown fox"
 
 
 def _config(tmp_path: Path, adapters: dict[str, Path], **extra) -> ServerConfig:
+    """`adapter_roots`: pytest's base temp (the session's export folders may be hot-added), unless given."""
+    extra.setdefault("adapter_roots", [tmp_path.parent])
     return ServerConfig(backend="onnxruntime", adapters={k: str(v) for k, v in adapters.items()},
                         state_dir=tmp_path / "state", admin_token="test-token", **extra)
 
