@@ -36,14 +36,18 @@ RUN pip install --index-url "${TORCH_INDEX}" torch==2.13.0 \
     && pip install --no-deps -r requirements-assets.txt
 
 RUN useradd --create-home --uid 1000 loraplex \
-    && mkdir -p /var/cache/loraplex /var/lib/loraplex \
-    && chown -R loraplex:loraplex /var/cache/loraplex /var/lib/loraplex
+    && mkdir -p /var/cache/loraplex /var/lib/loraplex /adapters \
+    && chown -R loraplex:loraplex /var/cache/loraplex /var/lib/loraplex /adapters
 USER 1000:1000
 
 # Prepare the embedded bases at build time (SmolLM2's GGUF is converted once into the cache).
 RUN python -c "from pathlib import Path; from adapters import resolve_base; [resolve_base(n, Path('/var/cache/loraplex')) for n in ('smollm2-135m', 'minilm-l6')]"
 
 EXPOSE 8000
+# Runtime adapters are added from /adapters (mount a volume; --adapter-root) and persist under
+# /var/lib/loraplex (mount one there to keep them across containers). SIGTERM drains for up to
+# --shutdown-timeout (20 s): give `docker stop` / Kubernetes at least that (`docker stop -t 30`).
+STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s CMD ["curl", "-fsS", "http://127.0.0.1:8000/health"]
 ENTRYPOINT ["server"]
-CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--adapter", "chatbot-tech=/app/examples/adapters/chatbot-tech", "--adapter", "chatbot-trivia=/app/examples/adapters/chatbot-trivia"]
+CMD ["serve", "--host", "0.0.0.0", "--port", "8000", "--adapter-root", "/adapters", "--adapter", "chatbot-tech=/app/examples/adapters/chatbot-tech", "--adapter", "chatbot-trivia=/app/examples/adapters/chatbot-trivia"]
