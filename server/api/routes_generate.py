@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 
@@ -30,6 +30,9 @@ STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}
                   "description": "the completion; server-sent events ending `data: [DONE]` when `stream` is true"}}
 RETRY_AFTER_S = "1"
 DISCONNECT_POLL_S = 0.5
+# Names the adapter version a request was admitted with (absent for the base), so a client can tell which
+# side of a hot swap served it; loadtest/versions.py checks every answer against it.
+VERSION_HEADER = "x-loraplex-adapter-version"
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class GenerationJob:
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=STREAMED)
-async def completions(body: CompletionRequest, request: Request, state: State):
+async def completions(body: CompletionRequest, request: Request, response: Response, state: State):
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise ApiError(400, "exactly one prompt per request is served; send one request per prompt", param="prompt")
@@ -59,11 +62,11 @@ async def completions(body: CompletionRequest, request: Request, state: State):
     except BaseException:
         state.release_model(adapter)
         raise
-    return await _respond(state, job, body, request)  # the submission releases the adapter when done
+    return await _respond(state, job, body, request, response)  # the submission releases the adapter when done
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAMED)
-async def chat_completions(body: ChatCompletionRequest, request: Request, state: State):
+async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response, state: State):
     adapter = await _acquire_generation_model(state, body.model, request)
     try:
         tokenizer = state.base.tokenizer
@@ -80,7 +83,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     except BaseException:
         state.release_model(adapter)
         raise
-    return await _respond(state, job, body, request)  # the submission releases the adapter when done
+    return await _respond(state, job, body, request, response)  # the submission releases the adapter when done
 
 
 async def _acquire_generation_model(state: AppState, model: str, request: Request) -> LoadedAdapter | None:
@@ -136,14 +139,17 @@ def _completion_budget(state: AppState, max_tokens: int | None, prompt_tokens: i
     return max_tokens
 
 
-async def _respond(state: AppState, job: GenerationJob, body: SamplingFields, request: Request):
+async def _respond(state: AppState, job: GenerationJob, body: SamplingFields, request: Request, response: Response):
+    version = {} if job.adapter is None else {VERSION_HEADER: str(job.adapter.version)}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         # The middleware would time only the response headers; the stream records its own end-to-end latency.
         request.state.latency_recorded_by_route = True
         latency = state.metrics.request_latency.labels(request.scope["route"].path, request.state.adapter_label)
         submission = _Submission(state, job)
-        return StreamingResponse(_sse(submission, include_usage, latency), media_type="text/event-stream")
+        return StreamingResponse(_sse(submission, include_usage, latency), media_type="text/event-stream",
+                                 headers=version)
+    response.headers.update(version)
     submission = _Submission(state, job)
     try:
         deltas = [d async for d in _until_disconnect(submission.deltas(), request)]
