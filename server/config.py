@@ -148,3 +148,8 @@ class ServerConfig(BaseSettings):
         for name in value:
             validate_adapter_name(name)
         return value
+
+
+def config_default(name: str):
+    """A field's default, for the engine's own defaults: they are written only here."""
+    return ServerConfig.model_fields[name].default

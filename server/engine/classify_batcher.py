@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from server.config import config_default
 from server.engine.base_model import BaseModel
 from server.engine.classify import Classification, classify_rows
 from server.engine.loaded import LoadedAdapter
@@ -26,7 +27,9 @@ from server.engine.worker import EngineStopped, ModelWorker, QueueFullError, Req
 log = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 0.05
-DEFAULT_MAX_WAITING = 256
+
+
+DEFAULT_MAX_WAITING = config_default("max_classify_waiting")
 
 
 @dataclass(eq=False)

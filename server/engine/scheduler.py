@@ -20,8 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from server.engine.worker import EngineStopped, ModelWorker, QueueFullError, RequestTimedOut
-
+from server.config import config_default
 from server.engine.base_model import BaseModel
 from server.engine.batch_runner import BatchRunner, RowInput
 from server.engine.decode_state import DecodeState, TextDelta
@@ -29,6 +28,7 @@ from server.engine.generate import eos_ids
 from server.engine.loaded import LoadedAdapter
 from server.engine.merge_mode import Merger
 from server.engine.sampling import SamplingParams
+from server.engine.worker import EngineStopped, ModelWorker, QueueFullError, RequestTimedOut
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +36,14 @@ IDLE_WAIT_S = 0.05
 __all__ = ["GenerationRequest", "QueueFullError", "Scheduler", "SchedulerLimits"]  # QueueFullError: worker.py's
 
 
-def _config_default(name: str) -> int:
-    """Defaults come from ServerConfig, the one place they are written (the fields named here)."""
-    from server.config import ServerConfig
-
-    return ServerConfig.model_fields[name].default
-
-
 @dataclass(frozen=True)
 class SchedulerLimits:
-    max_running: int = _config_default("max_num_seqs")  # KV slots: requests decoding at once
-    max_waiting: int = _config_default("max_waiting")  # bounded queue; beyond it submit() raises QueueFullError
-    max_len: int = _config_default("max_model_len")  # prompt + completion tokens per request (KV slot length)
+    max_running: int = config_default("max_num_seqs")  # KV slots: requests decoding at once
+    max_waiting: int = config_default("max_waiting")  # bounded queue; beyond it submit() raises QueueFullError
+    max_len: int = config_default("max_model_len")  # prompt + completion tokens per request (KV slot length)
     # prompt tokens prefilled in one step (a longer lone prompt still runs)
-    prefill_token_budget: int = _config_default("max_num_batched_tokens")
-    max_adapters_per_batch: int = _config_default("max_loras")  # distinct adapters in the running batch
+    prefill_token_budget: int = config_default("max_num_batched_tokens")
+    max_adapters_per_batch: int = config_default("max_loras")  # distinct adapters in the running batch
 
 
 @dataclass(eq=False)
