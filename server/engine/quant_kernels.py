@@ -21,7 +21,7 @@ at 1 / 8 rows, bf16 F.linear 29 / 222 ms, torch's per-row int8 kernel 25 / 80 ms
 16 / 54 ms, both fed bf16 activations. int8 runs the int4 kernel twice rather than the int8 one because
 one scale per row cost greedy agreement (adapters/quantized.py has the figures). With fp32 activations the same torch kernels fall to a
 scalar path (116 / 1,069 ms int8): so x is cast to bf16 for the base matmul only, and the result back.
-bitsandbytes on CPU dequantizes per call and was slower than fp32 (ASSETS: 4.4 / 6.0 ms against 3.4 ms
+bitsandbytes on CPU dequantizes per call and was slower than fp32 (measured when the versions were pinned: 4.4 / 6.0 ms against 3.4 ms
 for a 1024x1024 layer at 32 rows): it is kept for nf4/fp4 because it is QLoRA's own arithmetic.
 Both torch kernels are compute-bound past a few dozen rows (int4 at 512 rows: 20 ms against fp32's
 7 ms for a 1536x576 layer), so prefill chunks of at least DEQUANT_ROWS rows dequantize the matrix into

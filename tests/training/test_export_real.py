@@ -4,7 +4,7 @@
   1e-4 of torch; the INT8 graph agrees with torch's argmax on >= 99% of the rows, accuracy within 0.5 points.
 - smollm2-135m chatbot-tech: greedy tokens of the ONNX graph identical to torch's on held-out prompts.
 - smollm2-135m chatbot-trivia as int8 / int4 quantized checkpoints: held-out perplexity within +2% / +8% of
-  the unquantized merged model's, next-token agreement >= 0.97 / >= 0.90 (DESIGN's INT8/INT4 targets).
+  the unquantized merged model's, next-token agreement >= 0.97 / >= 0.90 (the INT8/INT4 export targets).
 
 tests/server/test_ort_real.py checks the same exports independently, through the HTTP API.
 """
@@ -61,7 +61,7 @@ def test_chatbot_tech_greedy_parity(tech_onnx_export):
 def test_chatbot_trivia_quantized_parity(method: str, base_only: bool, smollm2_base, tmp_path) -> None:
     """int8 merged, int4 of the base alone: smollm2's linears already lie on a 4-bit grid (it is prepared from
     a Q4_1 GGUF), so rounding a merged adapter onto int4 snaps most of its change back to the base's values
-    (README: adapter_delta_kept 0.11); on an int4 base the adapter is served on top instead."""
+    (docs/benchmarks.md: adapter_delta_kept 0.11); on an int4 base the adapter is served on top instead."""
     from tests.conftest import EXAMPLE_ADAPTERS, export_folder
 
     folder = export_folder(EXAMPLE_ADAPTERS / "chatbot-trivia", tmp_path / method, format=method, base_only=base_only,

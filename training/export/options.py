@@ -9,7 +9,7 @@ from adapters import is_export_folder
 from training.config import default_cache_dir
 from training.errors import ConfigError
 
-FORMATS = ("merged", "onnx", "int8", "int4")  # DESIGN.md's public list
+FORMATS = ("merged", "onnx", "int8", "int4")  # the public list (docs/architecture.md)
 QUANTIZED_FORMATS = ("int8", "int4")  # quantized base checkpoints (adapters.quantized), the adapter merged or not
 QUANTIZE = ("none", "int8")  # --quantize: the ONNX graph's own INT8 rewrite
 DEFAULT_PARITY_ROWS = 256  # classification rows scored by torch and by each ONNX graph

@@ -3,7 +3,7 @@
 The base arrives in fp32; `quantize_linears` swaps every linear of the backbone (not the LM or
 classification head, which stay fp32: the LM head is tied to the embeddings, the classification head
 trains) for a bitsandbytes `Linear4bit` holding the same weights in 4 bits, then LoRA goes on top as in
-`lora.py`. On CPU this saves memory, not time (ASSETS.md: nf4 is slower than fp32 there).
+`lora.py`. On CPU this saves memory, not time (measured when bitsandbytes was pinned: nf4 is slower than fp32 there).
 
 The folder is a plain PEFT LoRA folder: the 4-bit base is rebuilt from the base on reload, never saved.
 Serving it on the fp32 base (the server's default) is QLoRA's usual deployment; its outputs then
