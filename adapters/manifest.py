@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,10 @@ TASKS = ("completion", "classification")
 # usual use), and prompt-learning folders it applies per request (virtual tokens, per-layer prefixes).
 SERVED_METHODS = ("lora", "qlora", "ia3", "prompt", "prefix", "ptuning", "freeze")
 COMPLETION_ONLY_METHODS = ("prompt", "prefix", "ptuning")
+# How `training merge` combined its parents (PEFT's add_weighted_adapter combination types); the merged
+# folder itself is a LoRA folder (method "lora"), served like a trained one.
+MERGE_METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
+MIN_MERGE_PARENTS = 2
 _HASH_CHUNK = 1 << 20
 
 
@@ -41,6 +46,11 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     created_at: str = ""
     format_version: int = MANIFEST_VERSION
+    # A `training merge` folder: its parent adapters (folder names), the weight of each, and how they were
+    # combined (one of MERGE_METHODS); all three empty for a trained folder.
+    parents: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    merge_method: str = ""
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -49,11 +59,41 @@ class Manifest:
             raise AdapterFormatError(
                 f"manifest format_version {self.format_version} is newer than this build understands"
             )
+        for name in ("parents", "weights"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise AdapterFormatError(f"manifest {name} must be a list, got {value!r}")
+            object.__setattr__(self, name, tuple(value))  # JSON gives lists
+        _check_merge_fields(self)
 
     def to_json(self) -> str:
         data = asdict(self)
-        data["labels"] = list(self.labels)
+        for name in ("labels", "parents", "weights"):
+            data[name] = list(data[name])
         return json.dumps(data, indent=2, sort_keys=True)
+
+
+def _check_merge_fields(manifest: Manifest) -> None:
+    """A merged folder names at least two distinct parents, one finite weight each, and a known method;
+    a trained folder names none of them."""
+    parents, weights, method = manifest.parents, manifest.weights, manifest.merge_method
+    if not method:
+        if parents or weights:
+            raise AdapterFormatError("manifest names merge parents or weights but no merge_method")
+        return
+    if method not in MERGE_METHODS:
+        raise AdapterFormatError(f"manifest merge_method must be one of {MERGE_METHODS}, got {method!r}")
+    if manifest.method != "lora":
+        raise AdapterFormatError(f"a merged folder is a LoRA folder (method 'lora'), not {manifest.method!r}")
+    if len(parents) < MIN_MERGE_PARENTS:
+        raise AdapterFormatError(f"a merged folder names at least {MIN_MERGE_PARENTS} parents, got {len(parents)}")
+    if not all(isinstance(p, str) and p for p in parents) or len(set(parents)) != len(parents):
+        raise AdapterFormatError(f"manifest parents must be distinct non-empty names, got {list(parents)}")
+    if len(weights) != len(parents):
+        raise AdapterFormatError(f"manifest names {len(parents)} parents but {len(weights)} weights")
+    for weight in weights:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise AdapterFormatError(f"manifest weights must be finite numbers, got {weight!r}")
 
 
 def check_served_method(manifest: Manifest) -> None:

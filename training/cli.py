@@ -1,4 +1,5 @@
-"""`training METHOD ...` / `training eval ...` / `training export ...`: argparse, one-line errors, exit code 2.
+"""`training METHOD ...` / `training eval ...` / `training export ...` / `training merge ...`: argparse, one-line
+errors, exit code 2.
 
 The METHOD flags are generated from TrainConfig's fields (name, type, help), so the config's help text
 is the CLI's help text; a bool field is a switch (`--gradient-checkpointing` / `--no-gradient-checkpointing`).
@@ -17,11 +18,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from adapters import AdapterError, BaseNotFoundError
-from training.config import FALSE_WORDS, IMPLEMENTED_METHODS, METHODS, TRUE_WORDS, TrainConfig
-from training.errors import MethodNotImplementedError, TrainingError
+from adapters.manifest import MERGE_METHODS
+from training.config import FALSE_WORDS, METHODS, TRUE_WORDS, TrainConfig
+from training.errors import TrainingError
 
 USAGE_ERROR = 2  # argparse's own exit code for bad usage; user errors share it
-NOT_YET_COMMANDS: tuple[str, ...] = ()
 COMMAND_FLAGS_EXCLUDED = ("method",)  # set by the sub-command itself
 
 
@@ -104,10 +105,43 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cache-dir", type=Path, help="where prepared bases are cached")
     evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     _add_export_parser(commands)
-    for name in NOT_YET_COMMANDS:
-        later = commands.add_parser(name, help=f"{name} (not implemented yet)")
-        later.add_argument("rest", nargs=argparse.REMAINDER)
+    _add_merge_parser(commands)
     return parser
+
+
+def _add_merge_parser(commands: argparse._SubParsersAction) -> None:
+    merge = commands.add_parser(
+        "merge", help="combine LoRA adapters of one base into one adapter folder (PEFT's add_weighted_adapter)",
+        description="Combine LoRA completion adapters of one base into one LoRA adapter folder, with PEFT's "
+                    "add_weighted_adapter; its manifest names the parents, their weights and the method. "
+                    "cat is exact (delta = sum of weight x delta, rank = sum of ranks) and equals what the server "
+                    "serves for a request with model \"a:0.7+b:0.3\"; linear keeps the rank but mixes the A and B "
+                    "factors (cross terms). The folder appears only once complete.")
+    merge.add_argument("out", type=Path, help="adapter folder to write (replaced atomically)")
+    merge.add_argument("--adapter", dest="parents", action="append", required=True, metavar="DIR=WEIGHT",
+                       help="a parent adapter folder and its weight (repeat: at least two; weights may be negative)")
+    merge.add_argument("--method", choices=MERGE_METHODS, required=True,
+                       help="cat: exact, rank = sum of ranks; linear: rank kept, factors mixed (equal ranks and "
+                            "targets); svd: exact delta truncated to --svd-rank; ties / dare_linear / dare_ties: "
+                            "factors pruned to --density, then combined (equal ranks)")
+    merge.add_argument("--density", type=float, help="ties / dare_*: fraction of each parent's values kept, in (0, 1]")
+    merge.add_argument("--svd-rank", type=int, help="svd: rank of the merged adapter (default: the largest parent's)")
+    merge.add_argument("--seed", type=int, default=0, help="seed of DARE's random pruning (default: 0)")
+    merge.add_argument("--base", help="base name or path (default: the first parent's base)")
+    merge.add_argument("--cache-dir", type=Path, help="where prepared bases are cached")
+
+
+def _merge(args: argparse.Namespace) -> dict[str, Any]:
+    from training.merge import MergeOptions, merge_adapters, parse_parent
+
+    optional = {"cache_dir": args.cache_dir} if args.cache_dir is not None else {}
+    options = MergeOptions(out=args.out, parents=tuple(parse_parent(p) for p in args.parents), method=args.method,
+                           density=args.density, svd_rank=args.svd_rank, seed=args.seed, base=args.base,
+                           **optional)  # checked (and refused) before torch and PEFT load the parents
+    result = merge_adapters(options)
+    manifest = result.manifest
+    return {"out": str(result.out), "method": manifest.merge_method, "base": manifest.base_name,
+            "parents": list(manifest.parents), "weights": list(manifest.weights), "rank": result.rank}
 
 
 def _add_export_parser(commands: argparse._SubParsersAction) -> None:
@@ -187,16 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(switch_values_as_flags(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
-        if args.command in NOT_YET_COMMANDS:
-            raise MethodNotImplementedError(f"'training {args.command}' is not implemented yet")
-        if args.command in METHODS and args.command not in IMPLEMENTED_METHODS:  # checked before torch loads
-            raise MethodNotImplementedError(
-                f"method {args.command!r} is not implemented yet; available: {', '.join(IMPLEMENTED_METHODS)}"
-            )
         if args.command == "eval":
             result = _evaluate(args)
         elif args.command == "export":
             result = _export(args)
+        elif args.command == "merge":
+            result = _merge(args)
         else:
             result = _train(args)
     except (TrainingError, BaseNotFoundError, AdapterError) as exc:

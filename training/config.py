@@ -18,7 +18,6 @@ from typing import Any, Mapping
 from training.errors import ConfigError
 
 METHODS = ("lora", "qlora", "prompt", "prefix", "ptuning", "ia3", "freeze", "full")
-IMPLEMENTED_METHODS = METHODS
 TASKS = ("completion", "classification", "pretrain")  # pretrain: continued pre-training on raw text
 AUTO = "auto"
 SCHEDULES = ("cosine", "linear", "constant")

@@ -12,6 +12,3 @@ class ConfigError(TrainingError):
 class DatasetError(TrainingError):
     """A data set is unknown, missing, malformed or empty; the message names the file, line and reason."""
 
-
-class MethodNotImplementedError(TrainingError):
-    """The method is part of the CLI's shape (DESIGN.md) but has not landed yet."""

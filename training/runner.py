@@ -1,4 +1,4 @@
-"""One entry point for every training run: check the method, resolve base, task and data, dispatch (the
+"""One entry point for every training run: resolve base, task and data, dispatch (the
 trainer writes the adapter folder with its report), then drop the checkpoints the run no longer needs."""
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ from typing import Callable
 from adapters import PreparedBase, resolve_base
 from training.checkpoints import find_resume_checkpoint, remove_checkpoints
 from training.classify import train_classifier
-from training.config import AUTO, IMPLEMENTED_METHODS, TrainConfig
+from training.config import AUTO, TrainConfig
 from training.data import Split, load_dataset, split_dataset
-from training.errors import MethodNotImplementedError
 from training.models import default_task
 from training.output import TrainResult
 from training.pretrain import train_pretrain
@@ -34,10 +33,6 @@ def run_training(config: TrainConfig, progress: bool = True) -> TrainResult:
     and its checkpoints as they were. Raises TrainingError (and subclasses) or adapters.BaseNotFoundError for
     what the user can fix.
     """
-    if config.method not in IMPLEMENTED_METHODS:
-        raise MethodNotImplementedError(
-            f"method {config.method!r} is not implemented yet; available: {', '.join(IMPLEMENTED_METHODS)}"
-        )
     base = resolve_base(config.base, config.cache_dir)
     task = default_task(base) if config.task == AUTO else config.task
     config = dataclasses.replace(config, task=task)
