@@ -1,11 +1,13 @@
 """Over HTTP, as clients see it: concurrent streaming clients, each on its own adapter, vs base only.
 
 Starts `server serve` on loopback with N random rank-16 adapters (q,k,v,o), runs the same streamed
-requests twice in ONE run (all on the base, then each client on its own adapter), counts the tokens
-that arrive as server-sent events, and prints tokens/s and the ratio as the last line in JSON.
+requests in ONE run (all on the base; all on the base with `logprobs` on every request; then each client
+on its own adapter), counts the tokens that arrive as server-sent events, and prints tokens/s and the
+ratios to the plain base run as the last line in JSON (logprobs/base: the target is >= 0.9).
 
     python benchmarks/bench_http_streaming.py                     # fp32
     python benchmarks/bench_http_streaming.py --dtype bfloat16
+    python benchmarks/bench_http_streaming.py --logprobs 0        # skip the logprobs run
 """
 
 from __future__ import annotations
@@ -38,13 +40,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--logprobs", type=int, default=5, help="top logprobs asked on every request of the logprobs run "
+                                                           "(0: no such run)")
     p.add_argument("--cache-dir", default=os.environ.get("LORAPLEX_CACHE", str(Path.home() / ".cache" / "loraplex")))
     return p.parse_args()
 
 
-async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, new_tokens: int) -> int:
+async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, new_tokens: int,
+                     logprobs: int | None = None) -> int:
     body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
+    if logprobs is not None:
+        body["logprobs"] = logprobs
     tokens = 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
         response.raise_for_status()
@@ -53,10 +60,13 @@ async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, new_tok
                 chunk = json.loads(line[len("data: "):])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
+                elif logprobs is not None and chunk["choices"] and chunk["choices"][0]["logprobs"] is None:
+                    raise SystemExit("asked for logprobs, got a chunk without them")
     return tokens
 
 
-async def run_clients(url: str, models: list[str], prompts: list[str], clients: int, new_tokens: int) -> dict:
+async def run_clients(url: str, models: list[str], prompts: list[str], clients: int, new_tokens: int,
+                      logprobs: int | None = None) -> dict:
     queue: asyncio.Queue = asyncio.Queue()
     for i, prompt in enumerate(prompts):
         queue.put_nowait((i, prompt))
@@ -67,7 +77,7 @@ async def run_clients(url: str, models: list[str], prompts: list[str], clients: 
         async with httpx.AsyncClient(base_url=url, timeout=600) as client:
             while not queue.empty():
                 _, prompt = queue.get_nowait()
-                tokens = await stream_one(client, models[index % len(models)], prompt, new_tokens)
+                tokens = await stream_one(client, models[index % len(models)], prompt, new_tokens, logprobs)
                 total += tokens  # not `total += await ...`: that reads `total` before the await and loses updates
 
     started = time.perf_counter()
@@ -111,15 +121,24 @@ def main() -> None:
             asyncio.run(run_clients(url, [args.base], prompts[: args.clients], args.clients, 4))  # warm-up
             base = asyncio.run(run_clients(url, [args.base], prompts, args.clients, args.new_tokens))
             print("base only:", base, flush=True)
+            with_logprobs = None
+            if args.logprobs:
+                with_logprobs = asyncio.run(run_clients(url, [args.base], prompts, args.clients, args.new_tokens,
+                                                        args.logprobs))
+                print(f"base only, logprobs={args.logprobs} on every request:", with_logprobs, flush=True)
             adapters = [f"adapter-{i}" for i in range(args.clients)]
             mixed = asyncio.run(run_clients(url, adapters, prompts, args.clients, args.new_tokens))
             print(f"{args.clients} clients on {args.clients} distinct adapters:", mixed, flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
-    print(json.dumps({"dtype": args.dtype, "base_tokens_per_s": round(base["tokens_per_s"], 2),
-                      "mixed_tokens_per_s": round(mixed["tokens_per_s"], 2),
-                      "mixed/base": round(mixed["tokens_per_s"] / base["tokens_per_s"], 3)}))
+    summary = {"dtype": args.dtype, "base_tokens_per_s": round(base["tokens_per_s"], 2),
+               "mixed_tokens_per_s": round(mixed["tokens_per_s"], 2),
+               "mixed/base": round(mixed["tokens_per_s"] / base["tokens_per_s"], 3)}
+    if with_logprobs is not None:
+        summary.update({"logprobs": args.logprobs, "logprobs_tokens_per_s": round(with_logprobs["tokens_per_s"], 2),
+                        "logprobs/base": round(with_logprobs["tokens_per_s"] / base["tokens_per_s"], 3)})
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

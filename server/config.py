@@ -62,7 +62,8 @@ class ServerConfig(BaseSettings):
     max_model_len: int = Field(2048, gt=0, description="prompt + completion tokens per request, at most")
     max_tokens_limit: int = Field(1024, gt=0, description="largest max_tokens a request may ask for")
     default_max_tokens: int = Field(64, gt=0, description="max_tokens of a request that names none")
-    max_classify_batch: int = Field(64, gt=0, description="most inputs in one /v1/classify request")
+    max_classify_batch: int = Field(64, gt=0, description="most inputs in one /v1/classify or /v1/embeddings "
+                                    "request, and rows in one batched encoder forward")
     classify_max_length: int = Field(256, gt=0, description="tokens per classification input (truncated)")
     max_adapters: int = Field(256, gt=0, description="most adapters registered at once")
     max_cpu_loras: int = Field(64, gt=0, description="adapters kept loaded in memory (LRU); the rest re-read from disk")
@@ -98,7 +99,8 @@ class ServerConfig(BaseSettings):
         "seconds a request may spend in the engine (queued + running) before it is answered 504 and its slot "
         "freed; 0: no limit"))
     max_request_bytes: int = Field(1 << 20, gt=0, description="largest request body in bytes; larger ones get 413")
-    max_classify_waiting: int = Field(256, gt=0, description="queued /v1/classify requests beyond which new ones get 429")
+    max_classify_waiting: int = Field(256, gt=0, description="queued /v1/classify and /v1/embeddings requests "
+                                      "beyond which new ones get 429")
     api_key: str | None = Field(None, repr=False, description=(
         "API key the inference routes require as `Authorization: Bearer KEY` (vLLM's --api-key; env "
         "LORAPLEX_API_KEY keeps it out of `ps`); not an admin token"))

@@ -8,9 +8,10 @@ its folder, after checking that the folder still holds the adapter that was adde
 The engine's device slots (LoraSlots) are the tier above this one.
 
 Requests `acquire` an adapter for their lifetime and `release` it at the end: a held adapter is never
-evicted. Loading reads and validates outside the table lock, and the swap into the table is atomic, so
-a request gets either the old version or the new one, never a half-loaded adapter; requests holding the
-old version of a replaced adapter finish on it.
+evicted (a request for a combination of adapters holds each parent: `acquire_all`). Loading reads and
+validates outside the table lock, and the swap into the table is atomic, so a request gets either the old
+version or the new one, never a half-loaded adapter; requests holding the old version of a replaced
+adapter finish on it.
 
 Runtime adds (the admin API) are checked against AdapterLimits (path inside the adapter roots, folder
 size, rank) and, with a RuntimeAdapters (server/persist.py), copied into the state dir and journaled
@@ -189,6 +190,19 @@ class AdapterRegistry:
                     self.stats.misses += 1
                     self._evict_over_budget()
                 return loaded
+
+    def acquire_all(self, names: Iterable[str]) -> list[LoadedAdapter]:
+        """acquire() each of `names` (a combination's parents), all held until each is released; if one
+        fails, those already held are released and the error is raised."""
+        held: list[LoadedAdapter] = []
+        try:
+            for name in names:
+                held.append(self.acquire(name))
+        except BaseException:
+            for adapter in held:
+                self.release(adapter)
+            raise
+        return held
 
     def release(self, adapter: LoadedAdapter | None) -> None:
         if adapter is None:

@@ -11,7 +11,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 
 from adapters import resolve_base
-from server.api import routes_admin, routes_classify, routes_generate, routes_ops
+from server.api import routes_admin, routes_classify, routes_embed, routes_generate, routes_ops
 from server.api.body_limit import BodySizeLimit
 from server.api.errors import install_error_handlers
 from server.api.lifecycle import Lifecycle, RequestTracker
@@ -62,7 +62,7 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
         scheduler = Scheduler(base, limits, lock, on_step=metrics.observe_step, merge=config.merge,
                               threads=config.threads or None, request_timeout=config.request_timeout)
     classifier = ClassifyBatcher(base, lock, config.max_classify_batch, config.classify_max_length,
-                                 on_batch=lambda n: metrics.batch_size.labels("classify").observe(n),
+                                 on_batch=lambda phase, n: metrics.batch_size.labels(phase).observe(n),
                                  threads=config.threads or None, max_waiting=config.max_classify_waiting,
                                  request_timeout=config.request_timeout)
     metrics.registry.register(EngineCollector(lambda: engine_readings(scheduler, base, registry)))
@@ -121,7 +121,7 @@ def create_app(config: ServerConfig, base: BaseModel | None = None, state: AppSt
     app.state.lifecycle = lifecycle
     app.state.api_keys = load_api_keys(config.api_key, config.api_key_file)
     install_error_handlers(app)
-    for module in (routes_generate, routes_classify):
+    for module in (routes_generate, routes_classify, routes_embed):
         app.include_router(module.router, dependencies=[Inference])
     for module in (routes_admin, routes_ops):
         app.include_router(module.router)

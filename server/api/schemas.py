@@ -3,14 +3,20 @@
 What happens to a request field we do not serve, decided once here:
 
 - **Unknown fields are refused** (400 naming the field, `param` set), as OpenAI itself refuses an
-  unrecognized argument. A typo such as `max_token` or a vLLM extra we do not implement
-  (`repetition_penalty`, `min_p`, ...) silently ignored would change the output without a word.
-  vLLM's extras that we implement (`top_k`, `min_tokens`, `ignore_eos`) are declared fields.
-- **OpenAI fields we do not implement** (`_not_implemented(...)`: penalties, logit_bias, logprobs, best_of,
-  echo, suffix, response_format, tools, ...) are declared, so the OpenAPI schema lists them, and refused
-  with a 400 naming them unless the value is OpenAI's default or means "off" (`presence_penalty: 0`,
-  `logprobs: null`, `echo: false`, `tools: []`): such a value asks for nothing we leave out, and clients
-  that send every field with its default (the stock `openai` client sends only what it is given) work.
+  unrecognized argument. A typo such as `max_token` or a vLLM extra we do not implement (`min_p`, ...)
+  silently ignored would change the output without a word. vLLM's extras that we implement (`top_k`,
+  `min_tokens`, `ignore_eos`, `repetition_penalty`) are declared fields.
+- **OpenAI fields we do not implement** (`_not_implemented(...)`: completions' `suffix`; chat's
+  `response_format`, `tools`, `tool_choice`, `functions`, `function_call`, `parallel_tool_calls`,
+  `modalities`, `audio`) are declared, so the OpenAPI schema lists them, and refused with a 400 naming them
+  unless the value is OpenAI's default or means "off" (`suffix: ""`, `tools: []`, `tool_choice: "none"`):
+  such a value asks for nothing we leave out, and clients that send every field with its default (the
+  stock `openai` client sends only what it is given) work. Tool calling's refusal says so in those words.
+  A chat content part other than text (`image_url`, `input_audio`) is refused too: text only.
+- Served with bounds: `n`, completions' `best_of`, `echo` and `logprobs` (0..20), chat's `logprobs` and
+  `top_logprobs` (0..20), `presence_penalty` / `frequency_penalty` (-2..2), `repetition_penalty` (> 0),
+  `logit_bias` (token id -> -100..100). The checks that need the server (n against --max-num-seqs, token
+  ids against the vocabulary, best_of with stream) are the route's.
 - `user` is accepted and unused: an end-user label for abuse monitoring that changes no output.
 """
 
@@ -21,6 +27,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
+from pydantic import StrictInt  # /v1/embeddings' token-id inputs: true is not a token
+
+from server.engine.sampling import LOGIT_BIAS_RANGE, MAX_LOGPROBS, PENALTY_RANGE
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 256  # per stop string: the stream's hold-back check costs len(stop)^2 per token
@@ -28,6 +37,9 @@ MAX_TEMPERATURE = 2.0
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 NOT_SUPPORTED = "not supported by this server"
+MAX_LOGIT_BIAS = 300  # token ids one request may bias
+TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls")
+TOOL_CALLING_REFUSED = "tool calling is " + NOT_SUPPORTED + ": omit {field} or send {accepted}"
 
 
 class StrictBody(BaseModel):
@@ -77,13 +89,25 @@ class SamplingFields(StrictBody):
             {"type": "null"}]})
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1, description="only n=1 is served")
+    n: int = Field(1, ge=1, description="choices to return, at most the server's --max-num-seqs; the prompt is "
+                                        "prefilled once for all of them")
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
     user: str | None = Field(None, description="accepted and unused (an end-user label; it changes no output)")
-    presence_penalty: float | None = _not_implemented(0)
-    frequency_penalty: float | None = _not_implemented(0)
-    logit_bias: dict[str, float] | None = _not_implemented({})
+    presence_penalty: float | None = Field(
+        None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1],
+        description="OpenAI's: subtracted once from the logit of every token already generated")
+    frequency_penalty: float | None = Field(
+        None, ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1],
+        description="OpenAI's: subtracted from a token's logit once per time it was generated")
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, description="vLLM's: for tokens of the prompt or the output, a positive logit is divided by it "
+                                  "and a negative one multiplied; 1 is off")
+    logit_bias: dict[str, float] | None = Field(
+        None, description=f"token id (a decimal string) -> bias added to its logit, in {LOGIT_BIAS_RANGE[0]:g}.."
+                          f"{LOGIT_BIAS_RANGE[1]:g}; at most {MAX_LOGIT_BIAS} entries",
+        json_schema_extra={"maxProperties": MAX_LOGIT_BIAS, "additionalProperties": {
+            "type": "number", "minimum": LOGIT_BIAS_RANGE[0], "maximum": LOGIT_BIAS_RANGE[1]}})
 
     @field_validator("*", mode="before")
     @classmethod
@@ -95,10 +119,30 @@ class SamplingFields(StrictBody):
         accepted = extra["enum"]
         if any(_same_value(value, ok) for ok in accepted):
             return value
+        message = TOOL_CALLING_REFUSED if info.field_name in TOOL_FIELDS else "{field} is " + NOT_SUPPORTED + \
+            "; omit it or send {accepted}"
         raise PydanticCustomError(
-            "not_supported", "{field} is " + NOT_SUPPORTED + "; omit it or send {accepted}",
+            "not_supported", message,
             {"field": info.field_name, "accepted": " or ".join(json.dumps(ok) for ok in accepted)},
         )
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bounded_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        """Keys are token ids; whether each exists in the vocabulary is the route's check."""
+        if not bias:
+            return bias
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise PydanticCustomError("logit_bias", f"logit_bias may name at most {MAX_LOGIT_BIAS} token ids")
+        low, high = LOGIT_BIAS_RANGE
+        for key, value in bias.items():
+            if not key.isascii() or not key.isdigit():
+                raise PydanticCustomError("logit_bias", "logit_bias keys are token ids (decimal strings), not \"{key}\"",
+                                          {"key": key})
+            if not low <= value <= high:
+                raise PydanticCustomError("logit_bias", "logit_bias values are in {low}..{high}, not {value} "
+                                          "(token {key})", {"low": low, "high": high, "value": value, "key": key})
+        return bias
 
     @field_validator("stop")
     @classmethod
@@ -128,9 +172,13 @@ class CompletionRequest(SamplingFields):
         json_schema_extra={"anyOf": [  # documented here, checked by the route (its messages are clearer)
             {"type": "string", "minLength": 1},
             {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1}]})
-    logprobs: int | None = _not_implemented()
-    best_of: int | None = _not_implemented(1)
-    echo: bool | None = _not_implemented(False)
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_LOGPROBS, description=f"return each token's logprob and the top `logprobs` (0..{MAX_LOGPROBS}) "
+                                                 "alternatives: log-softmax of the model's raw logits")
+    best_of: int | None = Field(None, ge=1, description="sample this many (at least n) and return the n with the "
+                                                        "highest cumulative logprob; not with stream")
+    echo: bool | None = Field(None, description="prepend the prompt to each choice's text (and, with logprobs, "
+                                                "the prompt tokens' logprobs, the first null)")
     suffix: str | None = _not_implemented("")
 
 
@@ -144,6 +192,20 @@ class ChatMessage(StrictBody):
         description="`developer` is OpenAI's newer name for `system` and is served as one")
     content: str | list[TextPart] = Field(description="a string, or text parts (joined with newlines, as vLLM does)")
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        """A clear 400 for a content part we do not serve (image_url, input_audio, file), before the union's
+        own errors (one per branch) bury it."""
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise PydanticCustomError(
+                        "not_supported", "content parts of type \"{kind}\" are " + NOT_SUPPORTED +
+                        ": it takes text only (no image or audio input)", {"kind": kind})
+        return content
+
     def for_template(self) -> dict[str, str]:
         """The message as a chat template reads it: plain text, `developer` served as `system`."""
         text = self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
@@ -153,8 +215,10 @@ class ChatMessage(StrictBody):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: bool | None = _not_implemented(False)
-    top_logprobs: int | None = _not_implemented(0)
+    logprobs: bool | None = Field(None, description="return each content token's logprob: log-softmax of the "
+                                                    "model's raw logits")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
+                                     description=f"the top alternatives (0..{MAX_LOGPROBS}) per token; needs logprobs")
     response_format: dict[str, Any] | None = _not_implemented({"type": "text"})
     tools: list[dict[str, Any]] | None = _not_implemented([])
     tool_choice: str | dict[str, Any] | None = _not_implemented("none")
@@ -163,6 +227,13 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = _not_implemented(True)
     modalities: list[str] | None = _not_implemented(["text"])
     audio: dict[str, Any] | None = _not_implemented()
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top and not info.data.get("logprobs"):  # `logprobs` is declared (so validated) first
+            raise PydanticCustomError("top_logprobs", "top_logprobs needs logprobs: true")
+        return top
 
     @field_validator("max_completion_tokens")
     @classmethod
@@ -215,11 +286,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy shape: parallel lists, one entry per token (the prompt's first with echo: null)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: Literal["stop", "length"] | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -236,10 +316,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None  # the token's text as UTF-8
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"] | None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -304,3 +399,35 @@ class AdapterInfo(BaseModel):
     version: int | None = None
     pinned: bool = False
     resident: bool = False  # in memory now; False: on disk only, re-read when a request names it
+
+
+
+class EmbeddingRequest(StrictBody):
+    """OpenAI's embeddings request. `input`: a text, a list of texts, one input as token ids, or a list of
+    token-id inputs (taken as given: no special tokens are added to them)."""
+
+    model: str = Field(min_length=1)
+    input: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    encoding_format: Literal["float", "base64"] | None = Field(
+        "float", description="float: lists of numbers; base64: each vector as little-endian float32 bytes "
+        "(the stock openai client asks for this and decodes it); null: float")
+    dimensions: int | None = Field(None, ge=1, description="only the model's own size is served (no truncation)")
+    user: str | None = Field(None, description="accepted and unused (an end-user label; it changes no output)")
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingItem]
+    model: str
+    usage: EmbeddingUsage

@@ -1,7 +1,9 @@
 """One forward for many sequences at once, each at its own position, with its own adapter.
 
 Rows are right-padded to the longest query of the step; a 4D additive mask lets query t of row b see
-keys 0 .. starts[b]+t of its own slot only. Logits are taken at each row's last real token.
+keys 0 .. starts[b]+t of its own slot only. Logits are taken at each row's last real token, and at every
+one of its new tokens for the rows that ask (`every_position`: a prompt's logprobs, for echo); only those
+rows pay for the extra lm_head rows.
 """
 
 from __future__ import annotations
@@ -26,6 +28,13 @@ class RowInput:
     # tokens are the row's first tokens (placeholders whose embeddings are replaced); a prefix adapter's keys
     # and values are written to positions 0 .. V-1 of the slot, and `start` is V.
     prompt: LoadedAdapter | None = None
+    every_position: bool = False  # also return logits at each of `tokens` (a prompt's logprobs)
+
+
+@dataclass(frozen=True)
+class StepLogits:
+    last: torch.Tensor  # [B, vocab]: at each row's last new token
+    every: dict[int, torch.Tensor]  # row index -> [len(tokens), vocab], for the rows with `every_position`
 
 
 class BatchRunner:
@@ -43,9 +52,13 @@ class BatchRunner:
         self.lm_head = base.model.get_output_embeddings()
         self.mask_value = torch.finfo(base.backend.dtype).min
 
-    @torch.inference_mode()
     def forward(self, rows: list[RowInput]) -> torch.Tensor:
         """-> logits [B, vocab] at each row's last new token."""
+        return self.forward_full(rows).last
+
+    @torch.inference_mode()
+    def forward_full(self, rows: list[RowInput]) -> StepLogits:
+        """-> logits at each row's last new token, and at all of them for the rows that ask."""
         device = self.base.backend.device
         query_len = max(len(r.tokens) for r in rows)
         pad = self.base.tokenizer.pad_token_id or 0
@@ -60,12 +73,18 @@ class BatchRunner:
         mask = torch.zeros(visible.shape, dtype=self.base.backend.dtype, device=device)
         mask = mask.masked_fill(~visible, self.mask_value)[:, None]  # [B, 1, S, L]
         embeds = self._prompt_learning(rows)
-        with self.base.adapters_for_rows([r.adapter if r.adapter is not None and r.adapter.in_layers else None
-                                          for r in rows]):
+        layer_rows = [r.adapter if r.adapter is not None and r.adapter.in_layers else None for r in rows]
+        with self.base.adapters_for_rows(layer_rows):
             hidden = self.decoder(input_ids, positions, mask, self.cache, embeds)  # [B, S, hidden]
             last = torch.tensor([len(r.tokens) - 1 for r in rows], device=device)
             final = hidden[torch.arange(len(rows), device=device), last]  # [B, hidden]
-            return self.lm_head(final[:, None]).squeeze(1)  # [B, vocab]
+            logits = self.lm_head(final[:, None]).squeeze(1)  # [B, vocab]
+        every = {}
+        for index, row in enumerate(rows):
+            if row.every_position:  # alone: the head's LoRA rows (if an adapter targets it) are this row's
+                with self.base.adapters_for_rows([layer_rows[index]]):
+                    every[index] = self.lm_head(hidden[index : index + 1, : len(row.tokens)]).squeeze(0)
+        return StepLogits(logits, every)
 
     def _prompt_learning(self, rows: list[RowInput]) -> list[tuple[int, torch.Tensor]]:
         """Write prefix adapters' keys/values into their rows' slots; -> (row, virtual tokens) to embed."""

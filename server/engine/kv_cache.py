@@ -9,6 +9,8 @@ to a long neighbour's length never runs past the end of its own slot.
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 
@@ -79,3 +81,11 @@ class SlotKVCache:
         for k_cache, v_cache in zip(self.keys, self.values):
             k_cache[dst, :, :length] = k_cache[src, :, :length]
             v_cache[dst, :, :length] = v_cache[src, :, :length]
+
+    def copy_slot(self, src: int, dsts: Sequence[int], length: int) -> None:
+        """Copy the first `length` positions of slot `src` into every slot of `dsts`: a request with n > 1
+        choices prefills its prompt once, in `src`, and each other choice decodes on from a copy."""
+        index = torch.tensor(list(dsts), device=self.keys[0].device)
+        for k_cache, v_cache in zip(self.keys, self.values):
+            k_cache[index, :, :length] = k_cache[src, :, :length]  # [kv_heads, length, head_dim], broadcast
+            v_cache[index, :, :length] = v_cache[src, :, :length]

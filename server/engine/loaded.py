@@ -1,7 +1,8 @@
 """An adapter as the engine holds it: weights on the serving device and dtype, head, labels, version.
 
 A request keeps a reference to the LoadedAdapter it was admitted with, so replacing an adapter
-under the same name never changes the weights a running request decodes with.
+under the same name never changes the weights a running request decodes with. A Combination (a request's
+`model` of "a:0.7+b:0.3") holds its parents' LoadedAdapters the same way.
 """
 
 from __future__ import annotations
@@ -55,6 +56,67 @@ class LoadedAdapter:
         if self.prefix:
             return self.prefix[0][0].shape[1]
         return 0
+
+    @property
+    def members(self) -> tuple[LoadedAdapter, ...]:
+        """The registered adapters a row of this model uses (each takes a LoRA slot and counts toward
+        --max-loras): the adapter itself."""
+        return (self,)
+
+    @property
+    def lora_parts(self) -> tuple[tuple[LoadedAdapter, float], ...]:
+        """(adapter, weight) pairs whose LoRA deltas a row sums: itself at weight 1, or none (not LoRA)."""
+        return ((self, 1.0),) if self.lora else ()
+
+
+@dataclass(frozen=True, eq=False)
+class Combination:
+    """A per-request weighted combination of LoRA completion adapters: a row's delta is
+    sum_i weight_i * scaling_i * B_i A_i over its parents (PEFT's `cat` merge of the same parents, computed
+    in the batch kernels from the parents' own slots; never merged into the base, no folder written).
+
+    Shaped like a LoadedAdapter where the engine reads one (no prompt learning, IA3 or freeze parts).
+    `name` is the request's canonical string; `version` names each parent's version ("a=3,b=1").
+    """
+
+    parts: tuple[tuple[LoadedAdapter, float], ...]
+    task: str = "completion"
+    ia3: dict = field(default_factory=dict)
+    dense: dict = field(default_factory=dict)
+    virtual_tokens: None = None
+    prefix: None = None
+    num_virtual_tokens: int = 0
+    in_layers: bool = True
+    pinned: bool = False
+    head: None = None
+
+    def __post_init__(self) -> None:
+        if not self.parts or any(not a.lora or a.ia3 or a.dense or a.num_virtual_tokens or a.task != "completion"
+                                 for a, _ in self.parts):
+            raise ValueError("a combination's parents are LoRA completion adapters")
+
+    @property
+    def name(self) -> str:
+        return "+".join(f"{a.name}:{w:g}" for a, w in self.parts)
+
+    @property
+    def version(self) -> str:
+        return ",".join(f"{a.name}={a.version}" for a, _ in self.parts)
+
+    @property
+    def members(self) -> tuple[LoadedAdapter, ...]:
+        return tuple(a for a, _ in self.parts)
+
+    @property
+    def lora_parts(self) -> tuple[tuple[LoadedAdapter, float], ...]:
+        return self.parts
+
+    @property
+    def rank(self) -> int:
+        return sum(a.rank for a, _ in self.parts)
+
+
+RowModel = LoadedAdapter | Combination  # what one batch row runs with (None: the base alone)
 
 
 def load_adapter(name: str, version: int, folder: AdapterFolder, device: torch.device, dtype: torch.dtype,

@@ -12,7 +12,7 @@ from torch import nn
 from server.engine.backend import LinearFn, PackFn, no_pack
 from server.engine.dense_rows import DenseRows
 from server.engine.ia3_rows import IA3Rows
-from server.engine.loaded import LoadedAdapter
+from server.engine.loaded import LoadedAdapter, RowModel
 from server.engine.lora_rows import RowWeights
 from server.engine.lora_slots import LoraSlots
 from server.engine.quant_kernels import QuantMatrix, quant_linear
@@ -35,6 +35,10 @@ class ActiveAdapters:
     of x and out: two matmuls per run, no gather, no scatter.
     IA3 rows (ia3_rows.py) rescale the input or output of their adapter's modules, and freeze rows
     (dense_rows.py) take their adapter's trained weights in place of the base's, with either kernel.
+    A combination row (loaded.Combination) gets sum_i w_i * delta_i of its parents, each read from its own
+    slot: the masked kernel's row mask holds w_i on parent i's block (1 for a plain adapter row), the
+    per-row kernel concatenates the parents' blocks with w_i folded into B, prefill runs add each parent
+    with alpha = w_i * scaling_i, and the loop reference adds w_i * delta_i per parent.
     """
 
     def __init__(self, slots: LoraSlots | None = None) -> None:
@@ -44,8 +48,8 @@ class ActiveAdapters:
         self.ia3_or_freeze = False  # this batch has IA3 or freeze rows (one check per layer call when it has not)
         self.row_weights = RowWeights(slots) if slots is not None else None
         self.per_row = False  # stacked decode: per-row kernel (True) or masked (False) for this batch
-        self.groups: list[tuple[LoadedAdapter, torch.Tensor | None]] = []  # loop kernel
-        self.runs: list[tuple[LoadedAdapter, int, int]] = []  # stacked prefill: (adapter, first row, end row)
+        self.groups: list[tuple[LoadedAdapter, torch.Tensor | None, float]] = []  # loop kernel: (adapter, rows, w)
+        self.runs: list[tuple[RowModel, int, int]] = []  # stacked prefill: (row model, first row, end row)
         self.row_mask: torch.Tensor | None = None  # stacked kernel: [B, width]
         self.width = 0
         self.gather: torch.Tensor | None = None  # stack rows of the batch's slots, when not a leading block
@@ -55,29 +59,28 @@ class ActiveAdapters:
         self._views: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
         self._layout: tuple | None = None
 
-    def set_rows(self, rows: list[LoadedAdapter | None], device: torch.device) -> None:
-        """rows[i] is the adapter of batch row i (None: base only)."""
+    def set_rows(self, rows: list[RowModel | None], device: torch.device) -> None:
+        """rows[i] is the adapter (or combination) of batch row i (None: base only)."""
         self.ia3.set_rows(rows, device)
         self.dense.set_rows(rows, device)
         self.ia3_or_freeze = self.ia3.on or self.dense.on
-        rows = [a if a is not None and a.lora else None for a in rows]  # the LoRA kernels' rows
+        rows = [a if a is not None and a.lora_parts else None for a in rows]  # the LoRA kernels' rows
         distinct = {id(a): a for a in rows if a is not None}
         if not distinct:
             self._clear_lora()
             return
         if self.slots is not None:
-            self._set_stacked(rows, list(distinct.values()), device)
+            parents = {id(p): p for model in distinct.values() for p, _ in model.lora_parts}
+            self._set_stacked(rows, list(parents.values()), device)
             self.runs = _runs(rows)
             return
-        if len(distinct) == 1 and all(a is not None for a in rows):
-            self.groups = [(next(iter(distinct.values())), None)]
-        else:
-            self.groups = [
-                (adapter, torch.tensor([i for i, a in enumerate(rows) if a is adapter], device=device))
-                for adapter in distinct.values()
-            ]
+        everyone = len(distinct) == 1 and all(a is not None for a in rows)
+        self.groups = []
+        for model in distinct.values():
+            index = None if everyone else torch.tensor([i for i, a in enumerate(rows) if a is model], device=device)
+            self.groups += [(adapter, index, weight) for adapter, weight in model.lora_parts]
 
-    def _set_stacked(self, rows: list[LoadedAdapter | None], adapters: list[LoadedAdapter],
+    def _set_stacked(self, rows: list[RowModel | None], adapters: list[LoadedAdapter],
                      device: torch.device) -> None:
         """Decode reads the batch's slots from the stacks: the leading block of the stacks up to the highest
         slot in the batch when that is at most twice the batch's own blocks, else only the batch's blocks,
@@ -89,7 +92,8 @@ class ActiveAdapters:
         adapter_rows = sum(a is not None for a in rows)
         self.per_row = len(rows) <= PER_ROW_MAX_ROWS and 2 * len(adapters) >= adapter_rows
         if self.per_row:
-            self.row_weights.set_rows([None if a is None else slot_of[id(a)] for a in rows])
+            self.row_weights.set_rows([None if a is None else tuple((slot_of[id(p)], w) for p, w in a.lora_parts)
+                                       for a in rows])
             self.row_mask = None
             return
         if (batch_slots[-1] + 1) <= 2 * len(batch_slots):
@@ -100,10 +104,10 @@ class ActiveAdapters:
             self.width = len(batch_slots) * rank
             self.gather = torch.tensor([s * rank + j for s in batch_slots for j in range(rank)], device=device)
         mask = torch.zeros(len(rows), self.width, dtype=self.slots.dtype, device=device)
-        for row, adapter in enumerate(rows):
-            if adapter is not None:
+        for row, model in enumerate(rows):
+            for adapter, weight in model.lora_parts if model is not None else ():
                 block = column[slot_of[id(adapter)]]
-                mask[row, block * rank:(block + 1) * rank] = 1
+                mask[row, block * rank:(block + 1) * rank] += weight  # 1 for a plain adapter row
         self.row_mask = mask  # [B, width]: decode steps have one token per row
         layout = (self.slots.generation, self.width, tuple(batch_slots) if self.gather is not None else None)
         if layout != self._layout:
@@ -149,31 +153,33 @@ class ActiveAdapters:
             shrunk = F.linear(x.view(-1, x.shape[-1]), a_cat).mul_(self.row_mask)  # [B, width]
             out.view(-1, out.shape[-1]).addmm_(shrunk, b_cat)
             return out
-        for adapter, rows in self.groups:  # the reference
+        for adapter, rows, weight in self.groups:  # the reference
             weights = adapter.lora.get(name)
             if weights is None:
                 continue
+            scale = weights.scaling * weight
             if rows is None:
-                out = out + F.linear(F.linear(x, weights.a), weights.b) * weights.scaling
+                out = out + F.linear(F.linear(x, weights.a), weights.b) * scale
             else:
-                out.index_add_(0, rows, F.linear(F.linear(x[rows], weights.a), weights.b) * weights.scaling)
+                out.index_add_(0, rows, F.linear(F.linear(x[rows], weights.a), weights.b) * scale)
         return out
 
 
     def _apply_runs(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         out = out.contiguous()  # rows of a contiguous [B, S, out] are views we can add into
-        for adapter, lo, hi in self.runs:
-            weights = adapter.lora.get(name)
-            if weights is None:
-                continue
-            shrunk = F.linear(x[lo:hi].reshape(-1, x.shape[-1]), weights.a)  # [rows * S, r]
-            out[lo:hi].view(-1, out.shape[-1]).addmm_(shrunk, weights.b.t(), alpha=weights.scaling)
+        for model, lo, hi in self.runs:
+            for adapter, weight in model.lora_parts:
+                weights = adapter.lora.get(name)
+                if weights is None:
+                    continue
+                shrunk = F.linear(x[lo:hi].reshape(-1, x.shape[-1]), weights.a)  # [rows * S, r]
+                out[lo:hi].view(-1, out.shape[-1]).addmm_(shrunk, weights.b.t(), alpha=weights.scaling * weight)
         return out
 
 
-def _runs(rows: list[LoadedAdapter | None]) -> list[tuple[LoadedAdapter, int, int]]:
+def _runs(rows: list[RowModel | None]) -> list[tuple[RowModel, int, int]]:
     """Maximal runs of consecutive rows with the same adapter (rows without one are skipped)."""
-    runs: list[tuple[LoadedAdapter, int, int]] = []
+    runs: list[tuple[RowModel, int, int]] = []
     for index, adapter in enumerate(rows):
         if adapter is None:
             continue

@@ -13,6 +13,13 @@ only (on this project's 2-core CPU, 8 rows on 8 rank-16 adapters over SmolLM2's 
 decode step instead of 5.1 ms). A row's blocks are copied when the row's (slot, slot version) changes,
 so a steady batch copies nothing and a request joining or leaving copies only the rows that moved.
 
+A combination row (loaded.Combination) holds its parents' blocks side by side, its weights folded into B:
+
+    a_rows[i] = [A_p1.T, A_p2.T, ...]      b_rows[i] = [w_1 * scaling_1 * B_p1.T; w_2 * scaling_2 * B_p2.T; ...]
+
+so its delta is sum_j w_j * delta_j in the same two matmuls. The buffers are then `parts * r` wide, `parts`
+the most parents of any row in the batch (the other rows' extra blocks are zeros).
+
 On CPU the row buffers are float32 whatever the model's dtype: CPU batched matmuls in bfloat16 ran 4.5x
 slower than in float32 at these shapes, so a bfloat16 base gets its LoRA deltas computed in float32
 (`apply` casts x up and the delta down).
@@ -26,13 +33,15 @@ import torch
 
 from server.engine.lora_slots import LoraSlots
 
-RowKey = tuple[int, int] | None  # (slot, the slot's load version), or None: no adapter on this row
+# Per row, for each of its adapters: (slot, the slot's load version, weight); None: no adapter on this row.
+RowKey = tuple[tuple[int, int, float], ...] | None
+RowParts = tuple[tuple[int, float], ...] | None  # per row: (slot, weight) of each adapter it sums
 
 
 @dataclass
 class _RowBuffer:
-    a: torch.Tensor  # [capacity, in, r]
-    b: torch.Tensor  # [capacity, r, out]
+    a: torch.Tensor  # [capacity, in, parts * r]
+    b: torch.Tensor  # [capacity, parts * r, out]
     keys: list[RowKey] = field(default_factory=list)  # what each row holds now
 
 
@@ -46,10 +55,12 @@ class RowWeights:
         self._buffers: dict[str, _RowBuffer] = {}
         self._views: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
-    def set_rows(self, row_slots: list[int | None]) -> None:
-        """row_slots[i]: the slot of batch row i's adapter (None: base only). Views are rebuilt lazily,
-        module by module, only when the rows' keys differ from the previous batch's."""
-        keys = tuple(None if s is None else (s, self.slots.slot_version[s]) for s in row_slots)
+    def set_rows(self, row_parts: list[RowParts]) -> None:
+        """row_parts[i]: (slot, weight) of each adapter batch row i sums, ((slot, 1.0),) for a plain adapter
+        row (None: base only). Views are rebuilt lazily, module by module, only when the rows' keys differ
+        from the previous batch's."""
+        version = self.slots.slot_version
+        keys = tuple(None if parts is None else tuple((s, version[s], w) for s, w in parts) for parts in row_parts)
         if keys != self.row_keys:
             self.row_keys, self._views = keys, {}
 
@@ -60,29 +71,32 @@ class RowWeights:
         if name in self._views:
             return self._views[name]
         stack = self.slots.stacks.get(name)
-        if stack is None or not any(k is not None and k[0] in stack.slots for k in self.row_keys):
+        keys = [None if k is None else tuple(part for part in k if part[0] in stack.slots) or None
+                for k in self.row_keys] if stack is not None else []  # parts whose adapter targets the module
+        if not any(keys):
             self._views[name] = None
             return None
-        rank, rows = self.slots.rank, len(self.row_keys)
-        buffer = self._buffer(name, rows, rank, stack.a_cat.shape[1], stack.b_cat.shape[1])
-        for row, key in enumerate(self.row_keys):
-            if key is not None and key[0] not in stack.slots:
-                key = None  # this row's adapter leaves the module alone
+        rank, rows = self.slots.rank, len(keys)
+        width = rank * max(len(k) for k in keys if k is not None)
+        buffer = self._buffer(name, rows, width, stack.a_cat.shape[1], stack.b_cat.shape[1])
+        for row, key in enumerate(keys):
             if buffer.keys[row] == key:
                 continue
-            if key is None:
-                buffer.a[row].zero_()
-                buffer.b[row].zero_()
-            else:
-                lo = key[0] * rank
-                buffer.a[row].copy_(stack.a_cat[lo:lo + rank].t())
-                buffer.b[row].copy_(stack.b_cat[lo:lo + rank])
+            buffer.a[row].zero_()
+            buffer.b[row].zero_()
+            for block, (slot, _, weight) in enumerate(key or ()):
+                lo, col = slot * rank, block * rank
+                buffer.a[row, :, col:col + rank].copy_(stack.a_cat[lo:lo + rank].t())
+                b = buffer.b[row, col:col + rank].copy_(stack.b_cat[lo:lo + rank])
+                if weight != 1.0:  # a combination's part (a plain adapter row keeps its slot's values exactly)
+                    b.mul_(weight)
             buffer.keys[row] = key
         views = (buffer.a[:rows], buffer.b[:rows])
         self._views[name] = views
         return views
 
     def _buffer(self, name: str, rows: int, rank: int, in_features: int, out_features: int) -> _RowBuffer:
+        """A buffer of at least `rows` rows and exactly `rank` columns (a new width starts a new buffer)."""
         buffer = self._buffers.get(name)
         if buffer is None or buffer.a.shape[0] < rows or buffer.a.shape[2] != rank:
             capacity = rows if buffer is None or buffer.a.shape[2] != rank else max(rows, buffer.a.shape[0])

@@ -6,6 +6,8 @@ new) when the batch has drained and the next request wants another adapter. With
 this loses to the mixed batch (S-LoRA's measurement): it is a mode, not the default.
 LoRA deltas are subtracted again on a swap; IA3 and freeze layers get back a copy of their weights
 taken before the merge (dividing a vector out is not exact; a freeze adapter replaces weights).
+A per-request combination of adapters is not served here (the routes answer 400): merged, every request
+would be its own swap. `training merge` makes one folder of a combination, which merges like any other.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from adapters.merge import ia3_merge_into, merge_into, unmerge_from
 from server.engine.base_model import BaseModel
-from server.engine.loaded import LoadedAdapter
+from server.engine.loaded import Combination, LoadedAdapter
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ class Merger:
     @torch.inference_mode()
     def switch_to(self, adapter: LoadedAdapter | None) -> None:
         """Make `adapter` (None: the plain base) the merged one. Caller holds the model lock."""
+        if isinstance(adapter, Combination):
+            raise ValueError("merge mode merges one adapter at a time, not a combination of adapters")
         if adapter is self.merged:
             return
         if self.merged is not None:

@@ -1,7 +1,15 @@
-"""Per-request sampling: greedy, temperature, top-k, top-p, seed. Settings never leak between requests."""
+"""Per-request sampling: greedy, temperature, top-k, top-p, seed. Settings never leak between requests.
+
+`SamplingParams` also carries what the other per-row stages read: the logits processors' settings
+(penalties, logit_bias: logits_processors.py), how many logprobs to report (logprobs.py) and `n`, the
+sequences the scheduler samples from one prefill. Choice i of a seeded request draws from its own
+generator, seeded with `choice_seed(seed, i)`: choice 0 uses the seed itself, so `n=1` and choice 0 of
+`n>1` sample the same tokens.
+"""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -10,6 +18,9 @@ import torch
 # overflows them to inf, and softmax of inf - inf is NaN, which torch.multinomial refuses.
 GREEDY_BELOW_TEMPERATURE = 1e-5
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+MAX_LOGPROBS = 20  # top alternatives per token, at most (vLLM's default max_logprobs)
+PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's presence_penalty / frequency_penalty
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 
 
 @dataclass(frozen=True)
@@ -22,6 +33,13 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    n: int = 1  # sequences sampled from the one prefill of the prompt (the route asks for best_of of them)
+    logprobs: int | None = None  # alternatives reported with each sampled token's logprob; None: none computed
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first (echo); None: none
+    presence_penalty: float = 0.0  # OpenAI's: minus this once for a token generated at least once
+    frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count in the generated text
+    repetition_penalty: float = 1.0  # vLLM's: tokens of prompt or output: positive logits / it, negative * it
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), sorted by token id
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -30,22 +48,44 @@ class SamplingParams:
             raise ValueError(f"temperature={self.temperature} / top_p={self.top_p} out of range")
         if self.seed is not None and not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise ValueError(f"seed={self.seed} is outside {SEED_RANGE}")
+        if self.n < 1:
+            raise ValueError(f"n must be at least 1, not {self.n}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= MAX_LOGPROBS:
+                raise ValueError(f"{name}={value} is outside 0..{MAX_LOGPROBS}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not PENALTY_RANGE[0] <= getattr(self, name) <= PENALTY_RANGE[1]:
+                raise ValueError(f"{name}={getattr(self, name)} is outside {PENALTY_RANGE}")
+        if not 0.0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be above 0")
+        if any(token < 0 or not LOGIT_BIAS_RANGE[0] <= bias <= LOGIT_BIAS_RANGE[1] for token, bias in self.logit_bias):
+            raise ValueError(f"logit_bias needs token ids >= 0 and biases in {LOGIT_BIAS_RANGE}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
-class Sampler:
-    """Chooses the next token from one row of logits; owns the request's random generator."""
+def choice_seed(seed: int, choice: int) -> int:
+    """The seed of choice `choice` of a request seeded with `seed`: the seed itself for choice 0, else 64
+    bits of a hash of both (deterministic across runs and machines, unlike Python's `hash`)."""
+    if choice == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}/{choice}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
 
-    def __init__(self, params: SamplingParams, device: torch.device) -> None:
+
+class Sampler:
+    """Chooses the next token from one row of logits; owns the choice's random generator."""
+
+    def __init__(self, params: SamplingParams, device: torch.device, choice: int = 0) -> None:
         self.params = params
         self.generator = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
             if params.seed is not None:
-                self.generator.manual_seed(params.seed)
+                self.generator.manual_seed(choice_seed(params.seed, choice))
             else:
                 self.generator.seed()
 

@@ -4,16 +4,21 @@ One background thread owns the model. Each step it (1) drops cancelled requests,
 requests under a slot budget, a prefill-token budget and an adapter budget, (3) prefills the admitted
 ones in one batched forward, and (4) decodes one token for every running request in one batched
 forward, whatever adapter each uses. Outputs go back through each request's `emit` callback.
-Running requests keep KV slots 0..n-1 in order, so the decode step reads the cache without a gather.
+Running sequences keep KV slots 0..n-1 in order, so the decode step reads the cache without a gather.
 
-Every request gets exactly one ending: a delta with a finish reason, or one exception through `emit`
-(RequestTimedOut past `request_timeout`, EngineStopped at shutdown or abort, the step's error), queued
-requests included.
+A request with `params.n > 1` (n choices, or best_of) takes n slots at admission: its prompt is
+prefilled once, in the first choice's slot, whose KV is then copied into the others' (SlotKVCache.copy_slot);
+every choice samples its first token from that one prefill's logits and decodes on as a row of its own.
+
+Every request gets exactly one ending: a delta with a finish reason for each of its choices, or one
+exception through `emit` (RequestTimedOut past `request_timeout`, EngineStopped at shutdown or abort,
+the step's error), queued requests included.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -22,10 +27,11 @@ from typing import Callable
 
 from server.config import config_default
 from server.engine.base_model import BaseModel
-from server.engine.batch_runner import BatchRunner, RowInput
+from server.engine.batch_runner import BatchRunner, RowInput, StepLogits
 from server.engine.decode_state import DecodeState, TextDelta
 from server.engine.generate import eos_ids
 from server.engine.loaded import LoadedAdapter
+from server.engine.logprobs import TokenLogprob, prompt_logprobs
 from server.engine.merge_mode import Merger
 from server.engine.sampling import SamplingParams
 from server.engine.worker import EngineStopped, ModelWorker, QueueFullError, RequestTimedOut
@@ -51,7 +57,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: LoadedAdapter | None  # pinned at submit: a replaced adapter does not change a running request
-    emit: Callable[[TextDelta | BaseException], None]  # called on the scheduler thread
+    emit: Callable[[TextDelta | BaseException], None]  # called on the scheduler thread; deltas carry `index`
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float | None = None
     deadline: float | None = None  # on the scheduler's clock; set by submit() when a request timeout is on
@@ -68,6 +74,7 @@ class _Running:
     slot: int
     length: int  # tokens in this slot's cache
     next_token: int | None = None  # sampled, not yet in the cache
+    choice: int = 0  # which of the request's n sequences; choice 0's row prefills the prompt for all
 
 
 @dataclass
@@ -112,6 +119,8 @@ class Scheduler(ModelWorker):
         if virtual + len(request.prompt_ids) + request.params.max_tokens > self.limits.max_len:
             extra = f" (with the adapter's {virtual} virtual tokens)" if virtual else ""
             raise ValueError(f"prompt + max_tokens exceeds {self.limits.max_len} tokens{extra}")
+        if request.params.n > self.limits.max_running:
+            raise ValueError(f"n={request.params.n} is above the {self.limits.max_running} sequences that run at once")
         with self._cond:
             self._check_open()
             if len(self._waiting) >= self.limits.max_waiting:
@@ -141,11 +150,11 @@ class Scheduler(ModelWorker):
                 with self.model_lock:  # only reached with an empty running batch (see _admit)
                     self.merger.switch_to(admitted[0].request.adapter)
             if admitted:
-                self._run_phase("prefill", admitted, prefill=True)
+                self._prefill(admitted)
             decoding = [r for r in self._running if r.next_token is not None and not r.state.finished
                         and r not in admitted]
             if decoding:
-                self._run_phase("decode", decoding, prefill=False)
+                self._decode(decoding)
             self._compact()
             self.stats.steps += 1
             self.stats.running = len(self._running)
@@ -160,12 +169,17 @@ class Scheduler(ModelWorker):
             request = self._waiting.popleft()
             if not request.cancelled:
                 request.emit(reason)
+        for request in _unfinished_requests(self._running):
+            self._end(request, reason)
+        self.stats.waiting = 0
+
+    def _end(self, request: GenerationRequest, reason: BaseException) -> None:
+        """Fail a running request with `reason`, once, and finish every one of its choices' rows."""
+        request.emit(reason)
         for running in self._running:
-            if not running.state.finished:
-                running.request.emit(reason)
+            if running.request is request:
                 running.state.finished = True
                 running.next_token = None
-        self.stats.waiting = 0
 
     def _expire(self) -> None:
         """Fail the requests past their deadline, waiting and running (caller holds `_cond`)."""
@@ -177,41 +191,43 @@ class Scheduler(ModelWorker):
             self._waiting.remove(request)
             if not request.cancelled:
                 request.emit(RequestTimedOut(self.request_timeout))
-        for running in self._running:
-            deadline = running.request.deadline
-            if deadline is not None and deadline <= now and not running.state.finished:
-                running.request.emit(RequestTimedOut(self.request_timeout))
-                running.state.finished = True
-                running.next_token = None
+        for request in _unfinished_requests(self._running):
+            if request.deadline is not None and request.deadline <= now:
+                self._end(request, RequestTimedOut(self.request_timeout))
 
     def _admit(self) -> list[_Running]:
         """Move waiting requests into free slots, FIFO, within the budgets (caller holds the lock)."""
         admitted: list[_Running] = []
         budget = self.limits.prefill_token_budget
-        adapters = {id(r.request.adapter) for r in self._running if r.request.adapter is not None}
+        # a combination counts each parent: each takes a LoRA slot (loaded.Combination.members)
+        adapters = {id(a) for r in self._running if r.request.adapter is not None for a in r.request.adapter.members}
         while self._waiting and len(self._running) < self.limits.max_running:
             request = self._waiting[0]
             if request.cancelled:
                 self._waiting.popleft()
                 continue
-            cost = len(request.prompt_ids) + _virtual_tokens(request.adapter)
+            if len(self._running) + request.params.n > self.limits.max_running:
+                break  # FIFO: a request waits for all of its choices' slots
+            cost = len(request.prompt_ids) + _virtual_tokens(request.adapter)  # prefilled once for any n
             if admitted and cost > budget:
                 break
             if self.merger is not None and not self._merge_compatible(request):
                 break
-            new_adapter = request.adapter is not None and id(request.adapter) not in adapters
-            if new_adapter and len(adapters) >= self.limits.max_adapters_per_batch:
+            new_adapters = {id(a) for a in request.adapter.members} - adapters if request.adapter is not None else set()
+            if new_adapters and adapters and len(adapters | new_adapters) > self.limits.max_adapters_per_batch:
                 break
             self._waiting.popleft()
             request.admitted = time.perf_counter()
-            if new_adapter:
-                adapters.add(id(request.adapter))
+            adapters |= new_adapters
             budget -= cost
-            state = DecodeState(request.params, self.tokenizer, self.eos_ids, self.base.backend.device)
             prefix = request.adapter.num_virtual_tokens if request.adapter is not None and request.adapter.prefix else 0
-            running = _Running(request, state, slot=len(self._running), length=prefix)  # a prefix fills 0..V-1
-            self._running.append(running)
-            admitted.append(running)
+            for choice in range(request.params.n):
+                state = DecodeState(request.params, self.tokenizer, self.eos_ids, self.base.backend.device,
+                                    request.prompt_ids, choice)
+                running = _Running(request, state, slot=len(self._running), length=prefix,  # a prefix fills 0..V-1
+                                   choice=choice)
+                self._running.append(running)
+                admitted.append(running)
         self.stats.waiting = len(self._waiting)
         return admitted
 
@@ -221,32 +237,66 @@ class Scheduler(ModelWorker):
             return request.adapter is self._running[0].request.adapter
         return True
 
-    def _run_phase(self, phase: str, rows: list[_Running], prefill: bool) -> None:
+    def _prefill(self, admitted: list[_Running]) -> None:
+        """One forward over the admitted requests' prompts (choice 0's rows); every choice then samples its
+        first token from its request's logits, the other choices' slots holding a copy of choice 0's KV."""
         started = time.perf_counter()
         merged = self.merger is not None  # the adapter is in the weights: rows run as plain base rows
+        firsts = [r for r in admitted if r.choice == 0]
         inputs = [
-            RowInput(r.slot, r.length, _prefill_tokens(r.request) if prefill else [r.next_token],
-                     None if merged else r.request.adapter,
-                     prompt=r.request.adapter if prefill and _virtual_tokens(r.request.adapter) else None)
-            for r in rows
+            RowInput(r.slot, r.length, _prefill_tokens(r.request), None if merged else r.request.adapter,
+                     prompt=r.request.adapter if _virtual_tokens(r.request.adapter) else None,
+                     every_position=r.request.params.prompt_logprobs is not None)
+            for r in firsts
         ]
+        logits = self._forward("prefill", firsts, inputs)
+        if logits is None:
+            return
+        for index, (first, row) in enumerate(zip(firsts, inputs)):
+            first.length += len(row.tokens)
+            others = [r for r in admitted if r.request is first.request and r.choice > 0]
+            if others:
+                self.runner.cache.copy_slot(first.slot, [r.slot for r in others], first.length)
+            prompt = None
+            if index in logits.every:
+                prompt = _prompt_logprobs(first.request, logits.every[index], len(row.tokens))
+            for running in (first, *others):
+                running.length = first.length
+                self._step(running, logits.last[index], prompt)
+        if self.on_step is not None:
+            self.on_step("prefill", len(firsts), time.perf_counter() - started)
+
+    def _decode(self, rows: list[_Running]) -> None:
+        started = time.perf_counter()
+        merged = self.merger is not None
+        inputs = [RowInput(r.slot, r.length, [r.next_token], None if merged else r.request.adapter) for r in rows]
+        logits = self._forward("decode", rows, inputs)
+        if logits is None:
+            return
+        for running, row_logits in zip(rows, logits.last):
+            running.length += 1
+            self._step(running, row_logits)
+        if self.on_step is not None:
+            self.on_step("decode", len(rows), time.perf_counter() - started)
+
+    def _forward(self, phase: str, rows: list[_Running], inputs: list[RowInput]) -> StepLogits | None:
+        """The batched forward; None when it failed, after failing its requests (never the server)."""
         try:
             with self.model_lock:
-                logits = self.runner.forward(inputs)
-        except Exception as exc:  # a failed step fails its requests, never the server
+                return self.runner.forward_full(inputs)
+        except Exception as exc:
             log.exception("%s step failed for %d requests", phase, len(rows))
-            for running in rows:
-                running.request.emit(exc)
-                running.state.finished = True
-                running.next_token = None
-            return
-        for running, row_inputs, row_logits in zip(rows, inputs, logits):
-            running.length += len(row_inputs.tokens)
-            delta = running.state.step(row_logits)
-            running.next_token = None if running.state.finished else delta.token_id
-            running.request.emit(delta)
-        if self.on_step is not None:
-            self.on_step(phase, len(rows), time.perf_counter() - started)
+            for request in _unfinished_requests(rows):
+                self._end(request, exc)
+            return None
+
+    @staticmethod
+    def _step(running: _Running, logits, prompt: tuple[TokenLogprob | None, ...] | None = None) -> None:
+        delta = running.state.step(logits)
+        if prompt is not None:
+            delta = dataclasses.replace(delta, prompt_logprobs=prompt)
+        running.next_token = None if running.state.finished else delta.token_id
+        running.request.emit(delta)
 
     def _drop_cancelled(self) -> None:
         for running in self._running:
@@ -276,3 +326,15 @@ def _prefill_tokens(request: GenerationRequest) -> list[int]:
     if adapter is not None and adapter.virtual_tokens is not None:
         return [0] * adapter.num_virtual_tokens + request.prompt_ids
     return request.prompt_ids
+
+
+def _unfinished_requests(rows: list[_Running]) -> list[GenerationRequest]:
+    """The distinct requests with a choice still running among `rows`, in order."""
+    return list({id(r.request): r.request for r in rows if not r.state.finished}.values())
+
+
+def _prompt_logprobs(request: GenerationRequest, logits, row_tokens: int) -> tuple[TokenLogprob | None, ...]:
+    """The prompt's logprobs from its prefill row's logits at every position ([row_tokens, vocab]); prompt
+    tuning's placeholders come first in the row, and the last position predicts the first new token."""
+    start = row_tokens - len(request.prompt_ids)
+    return prompt_logprobs(logits[start : row_tokens - 1], request.prompt_ids, request.params.prompt_logprobs)

@@ -157,7 +157,7 @@ class OrtGenerator(ModelWorker):
         self.stats.running = 1
         try:
             model = OrtCausalLM(export.session())
-            state = DecodeState(request.params, self.tokenizer, set(export.eos_ids), CPU)
+            state = DecodeState(request.params, self.tokenizer, set(export.eos_ids), CPU, request.prompt_ids)
             decode(model, request, state, self.on_step, self.model_lock, self._ending)
         except Exception as exc:  # a failed request fails alone, never the server
             log.exception("generation with export %s failed", export.name)

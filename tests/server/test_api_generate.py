@@ -13,7 +13,7 @@ BAD_REQUESTS = [
     ({"model": "alpha", "prompt": "hi", "max_tokens": 65}, 400),  # above max_tokens_limit
     ({"model": "alpha", "prompt": "hi", "temperature": -0.5}, 400),
     ({"model": "alpha", "prompt": "hi", "top_p": 0}, 400),
-    ({"model": "alpha", "prompt": "hi", "n": 2}, 400),
+    ({"model": "alpha", "prompt": "hi", "n": 17}, 400),  # above --max-num-seqs (16)
     ({"model": "alpha", "prompt": ["a", "b"]}, 400),
     ({"model": "alpha", "prompt": "word " * 300}, 400),  # longer than max_model_len
     ({"model": "alpha", "prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400),

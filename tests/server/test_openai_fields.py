@@ -1,6 +1,6 @@
 """OpenAI fields we do not implement are refused with a 400 naming them (their "off" value is a no-op),
-unknown fields are refused, and the context-length checks give the numbers (prompt-learning virtual
-tokens included)."""
+unknown fields are refused, the fields we serve are refused out of their bounds, naming them, and the
+context-length checks give the numbers (prompt-learning virtual tokens included)."""
 
 from __future__ import annotations
 
@@ -19,14 +19,25 @@ VIRTUAL_TOKENS = 5
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 COMPLETION = {"prompt": "hi"}
 
-# field -> a value that asks for something we do not serve
+# field -> a value that asks for something we do not serve (on completions, the chat-only fields are
+# unknown fields; chat's top_logprobs without logprobs: true is refused too)
 REFUSED_ON_BOTH = {
-    "presence_penalty": 0.5, "frequency_penalty": -1.0, "logit_bias": {"42": 5.0},
-    "logprobs": 2, "best_of": 3, "echo": True, "suffix": " the end", "response_format": {"type": "json_object"},
+    "suffix": " the end", "response_format": {"type": "json_object"},
     "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
-    "functions": [{"name": "f"}], "top_logprobs": 3, "repetition_penalty": 1.2, "max_token": 5,
+    "functions": [{"name": "f"}], "top_logprobs": 3, "max_token": 5, "min_p": 0.1,
 }
-CHAT_ONLY_VALUES = {"logprobs": True}  # chat's logprobs is a bool
+CHAT_ONLY_VALUES: dict = {}
+# (route kind, field, value): a served field out of its bounds, or a value the server cannot serve
+OUT_OF_BOUNDS = [
+    ("completion", "logprobs", 21), ("completion", "logprobs", -1), ("chat", "top_logprobs", 21),
+    ("completion", "presence_penalty", 2.5), ("chat", "frequency_penalty", -2.01),
+    ("completion", "repetition_penalty", 0), ("chat", "repetition_penalty", -1.0),
+    ("completion", "logit_bias", {"42": 100.5}), ("chat", "logit_bias", {"x": 1.0}),
+    ("completion", "logit_bias", {"99999999": 1.0}),  # no such token id
+    ("completion", "n", 17), ("chat", "n", 17), ("completion", "n", 0),  # above --max-num-seqs (16), or none
+    ("completion", "best_of", 0), ("chat", "best_of", 2),  # chat has no best_of
+    ("chat", "echo", True),  # completions only
+]
 # field -> OpenAI's default ("off"), accepted as a no-op
 NO_OPS = {
     "completion": {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "logprobs": None,
@@ -64,9 +75,30 @@ def test_the_default_value_of_an_unimplemented_field_is_a_no_op(llama_client, ki
     assert answer.json()["choices"] == expected.json()["choices"]
 
 
-def test_n_above_one_names_n(llama_client):
-    response = llama_client.post("/v1/completions", json={"model": "alpha", "prompt": "hi", "n": 2})
-    assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+@pytest.mark.parametrize("kind,field,value", OUT_OF_BOUNDS)
+def test_served_fields_out_of_bounds_are_refused_by_name(llama_client, kind, field, value):
+    route, body = _route(kind)
+    response = llama_client.post(route, json={"model": "alpha", "max_tokens": 2, **body, field: value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"].split(".")[0] == field and field in error["message"], error
+
+
+def test_best_of_below_n_or_streamed_is_refused_by_name(llama_client):
+    base = {"model": "alpha", "prompt": "hi", "max_tokens": 2}
+    for extra in ({"best_of": 1, "n": 2}, {"best_of": 2, "stream": True}, {"best_of": 17}):
+        response = llama_client.post("/v1/completions", json={**base, **extra})
+        assert response.status_code == 400, (extra, response.text)
+        assert response.json()["error"]["param"] == "best_of", extra
+    assert llama_client.post("/v1/completions", json={**base, "best_of": 1, "stream": True}).status_code == 200
+
+
+def test_tool_calling_is_refused_in_plain_words(llama_client):
+    for field, value in (("tools", REFUSED_ON_BOTH["tools"]), ("tool_choice", "required")):
+        response = llama_client.post("/v1/chat/completions", json={"model": "alpha", **CHAT, field: value})
+        assert response.status_code == 400
+        error = response.json()["error"]
+        assert error["param"] == field and "tool calling is not supported" in error["message"], error
 
 
 def test_stream_options_without_stream_is_refused(llama_client):
@@ -94,8 +126,13 @@ def test_chat_text_parts_and_the_developer_role_are_served(llama_client):
     assert answer.status_code == 200, answer.text
     assert answer.json()["choices"] == expected.json()["choices"]
     assert answer.json()["usage"] == expected.json()["usage"]
-    image = {**plain, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
-    assert llama_client.post("/v1/chat/completions", json=image).status_code == 400
+    image = {**plain, "messages": [{"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                                                 {"type": "image_url", "image_url": {"url": "x"}}]}]}
+    refused = llama_client.post("/v1/chat/completions", json=image)
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["param"] == "messages.0.content" and '"image_url"' in error["message"], error
+    assert "not supported" in error["message"] and error["message"].count("messages.0.content") == 1
 
 
 # -- the context: prompt + virtual tokens + completion ------------------------------------------------
