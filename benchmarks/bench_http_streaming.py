@@ -2,12 +2,16 @@
 
 Starts `server serve` on loopback with N random rank-16 adapters (q,k,v,o), runs the same streamed
 requests in ONE run (all on the base; all on the base with `logprobs` on every request; then each client
-on its own adapter), counts the tokens that arrive as server-sent events, and prints tokens/s and the
-ratios to the plain base run as the last line in JSON (logprobs/base: the target is >= 0.9).
+on its own adapter; then the same prompts as chat messages, plain and with a JSON schema as
+`response_format` on every request), counts the tokens that arrive as server-sent events, and prints
+tokens/s and the ratios as the last line in JSON: logprobs/base (target >= 0.9) and json_schema/chat, the
+constrained chat run against the plain chat run (target >= 0.8). The constrained replies end when their
+JSON is complete, so they are shorter and spend a larger share of their time in prefill: the ratio is
+tokens/s of each run, which counts that against the grammar.
 
     python benchmarks/bench_http_streaming.py                     # fp32
     python benchmarks/bench_http_streaming.py --dtype bfloat16
-    python benchmarks/bench_http_streaming.py --logprobs 0        # skip the logprobs run
+    python benchmarks/bench_http_streaming.py --logprobs 0 --no-json-schema   # skip those runs
 """
 
 from __future__ import annotations
@@ -42,18 +46,40 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--logprobs", type=int, default=5, help="top logprobs asked on every request of the logprobs run "
                                                            "(0: no such run)")
+    p.add_argument("--no-json-schema", dest="json_schema", action="store_false",
+                   help="skip the chat runs (plain and with a JSON schema on every request)")
     p.add_argument("--cache-dir", default=os.environ.get("LORAPLEX_CACHE", str(Path.home() / ".cache" / "loraplex")))
     return p.parse_args()
 
 
+# What the constrained chat run asks every reply to be: long enough free text fields that a reply runs
+# for many tokens, in an object with required keys and an array.
+REPORT_SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string"}, "summary": {"type": "string"},
+                   "tags": {"type": "array", "items": {"type": "string"}}, "score": {"type": "integer"}},
+    "required": ["title", "summary", "tags", "score"],
+}
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "report", "schema": REPORT_SCHEMA, "strict": True}}
+
+
 async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, new_tokens: int,
-                     logprobs: int | None = None) -> int:
-    body = {"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+                     logprobs: int | None = None, chat: str | None = None) -> int:
+    """`chat`: None for /v1/completions; "plain" or "json_schema" for /v1/chat/completions."""
+    body = {"model": model, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
+    if chat is None:
+        body["prompt"] = prompt
+    else:
+        body["messages"] = [{"role": "user", "content": f"Write a short report as JSON about: {prompt}"}]
+    if chat == "json_schema":  # a constrained reply ends with EOS once complete: ignore_eos does not apply
+        del body["ignore_eos"]
+        body["response_format"] = RESPONSE_FORMAT
     if logprobs is not None:
         body["logprobs"] = logprobs
     tokens = 0
-    async with client.stream("POST", "/v1/completions", json=body) as response:
+    route = "/v1/completions" if chat is None else "/v1/chat/completions"
+    async with client.stream("POST", route, json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -66,7 +92,7 @@ async def stream_one(client: httpx.AsyncClient, model: str, prompt: str, new_tok
 
 
 async def run_clients(url: str, models: list[str], prompts: list[str], clients: int, new_tokens: int,
-                      logprobs: int | None = None) -> dict:
+                      logprobs: int | None = None, chat: str | None = None) -> dict:
     queue: asyncio.Queue = asyncio.Queue()
     for i, prompt in enumerate(prompts):
         queue.put_nowait((i, prompt))
@@ -77,13 +103,14 @@ async def run_clients(url: str, models: list[str], prompts: list[str], clients: 
         async with httpx.AsyncClient(base_url=url, timeout=600) as client:
             while not queue.empty():
                 _, prompt = queue.get_nowait()
-                tokens = await stream_one(client, models[index % len(models)], prompt, new_tokens, logprobs)
+                tokens = await stream_one(client, models[index % len(models)], prompt, new_tokens, logprobs, chat)
                 total += tokens  # not `total += await ...`: that reads `total` before the await and loses updates
 
     started = time.perf_counter()
     await asyncio.gather(*(client_loop(i) for i in range(clients)))
     elapsed = time.perf_counter() - started
-    return {"tokens_per_s": total / elapsed, "tokens": total, "seconds": elapsed}
+    return {"tokens_per_s": total / elapsed, "tokens": total, "seconds": elapsed,
+            "tokens_per_request": total / len(prompts)}
 
 
 def main() -> None:
@@ -129,6 +156,14 @@ def main() -> None:
             adapters = [f"adapter-{i}" for i in range(args.clients)]
             mixed = asyncio.run(run_clients(url, adapters, prompts, args.clients, args.new_tokens))
             print(f"{args.clients} clients on {args.clients} distinct adapters:", mixed, flush=True)
+            chat = constrained = None
+            if args.json_schema:
+                asyncio.run(run_clients(url, [args.base], prompts[:1], 1, 4, chat="json_schema"))  # compile once
+                chat = asyncio.run(run_clients(url, [args.base], prompts, args.clients, args.new_tokens, chat="plain"))
+                print("base only, chat:", chat, flush=True)
+                constrained = asyncio.run(run_clients(url, [args.base], prompts, args.clients, args.new_tokens,
+                                                      chat="json_schema"))
+                print("base only, chat with a JSON schema on every request:", constrained, flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -138,6 +173,11 @@ def main() -> None:
     if with_logprobs is not None:
         summary.update({"logprobs": args.logprobs, "logprobs_tokens_per_s": round(with_logprobs["tokens_per_s"], 2),
                         "logprobs/base": round(with_logprobs["tokens_per_s"] / base["tokens_per_s"], 3)})
+    if chat is not None:
+        summary.update({"chat_tokens_per_s": round(chat["tokens_per_s"], 2),
+                        "json_schema_tokens_per_s": round(constrained["tokens_per_s"], 2),
+                        "json_schema_tokens_per_request": round(constrained["tokens_per_request"], 1),
+                        "json_schema/chat": round(constrained["tokens_per_s"] / chat["tokens_per_s"], 3)})
     print(json.dumps(summary))
 
 

@@ -15,6 +15,7 @@ from server.api import routes_admin, routes_classify, routes_embed, routes_gener
 from server.api.body_limit import BodySizeLimit
 from server.api.errors import install_error_handlers
 from server.api.lifecycle import Lifecycle, RequestTracker
+from server.api.structured import StructuredOutput
 from server.api.state import AppState, Inference
 from server.auth import establish_admin_token, load_api_keys
 from server.config import ServerConfig
@@ -68,7 +69,8 @@ def build_state(config: ServerConfig, base: BaseModel | None = None) -> AppState
     metrics.registry.register(EngineCollector(lambda: engine_readings(scheduler, base, registry)))
     return AppState(config=config, base=base, registry=registry, metrics=metrics, admin_token=token,
                     served_name=served, scheduler=scheduler, classifier=classifier,
-                    base_classifier=base_classifier(base, served))
+                    base_classifier=base_classifier(base, served),
+                    structured=StructuredOutput(base) if scheduler is not None else None)
 
 
 def engine_readings(scheduler: Scheduler | None, base: BaseModel, registry: AdapterRegistry) -> dict[str, float]:

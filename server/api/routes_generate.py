@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -31,6 +31,9 @@ from server.engine.decode_state import TextDelta
 from server.engine.loaded import Combination, LoadedAdapter
 from server.engine.sampling import SamplingParams
 from server.engine.scheduler import GenerationRequest, QueueFullError, Scheduler
+
+if TYPE_CHECKING:
+    from server.engine.grammar import CompiledGrammar
 
 router = APIRouter(tags=["generation"], responses=error_responses(400, 404, 409, 429, 500, 503, 504))
 STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
@@ -79,6 +82,7 @@ async def completions(body: CompletionRequest, request: Request, response: Respo
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAMED)
 async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response, state: State):
+    constraint = await _compile_response_format(state, body)  # before any adapter is held: it may take a while
     adapter = await _acquire_generation_model(state, body.model, request)
     try:
         tokenizer = state.base.tokenizer
@@ -92,11 +96,24 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, respon
         except TemplateError as exc:  # a template may refuse an order of roles ("roles must alternate", ...)
             raise ApiError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        job = _make_job(state, body, body.completion_limit(), adapter, list(prompt_ids), chat=True, logprobs=logprobs)
+        job = _make_job(state, body, body.completion_limit(), adapter, list(prompt_ids), chat=True, logprobs=logprobs,
+                        constraint=constraint)
     except BaseException:
         state.release_model(adapter)
         raise
     return await _respond(state, job, body, request, response)  # the submission releases the adapter when done
+
+
+async def _compile_response_format(state: AppState, body: ChatCompletionRequest) -> CompiledGrammar | None:
+    if body.response_format is None or body.response_format == {"type": "text"}:
+        return None
+    if state.structured is None:
+        raise ApiError(400, "response_format is not served on this backend (onnxruntime)", param="response_format")
+    for name in ("min_tokens", "ignore_eos"):
+        if getattr(body, name):
+            raise ApiError(400, f"{name} cannot be combined with response_format: a constrained reply ends with EOS "
+                                "as soon as it is complete", param=name)
+    return await state.structured.compile(body.response_format)
 
 
 async def _acquire_generation_model(state: AppState, model: str,
@@ -134,6 +151,7 @@ async def _acquire_combination(state: AppState, model: str) -> Combination:
 def _make_job(
     state: AppState, body: SamplingFields, max_tokens: int | None, adapter: LoadedAdapter | None,
     prompt_ids: list[int], chat: bool, logprobs: int | None = None, echo: str | None = None, best: int | None = None,
+    constraint: CompiledGrammar | None = None,
 ) -> GenerationJob:
     """`logprobs`: top alternatives shown per token (None: none); `echo`: the prompt text to prepend;
     `best`: completions' best_of."""
@@ -152,6 +170,7 @@ def _make_job(
         logprobs=logprobs if logprobs is not None or sampled == body.n else 0, prompt_logprobs=prompt_logprobs,
         presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
         repetition_penalty=body.repetition_penalty or 1.0, logit_bias=_logit_bias(state, body.logit_bias),
+        constraint=constraint,
     )
     prefix = "chatcmpl" if chat else "cmpl"
     return GenerationJob(f"{prefix}-{uuid.uuid4().hex}", body.model, adapter, prompt_ids, params, chat,

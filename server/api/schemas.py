@@ -7,7 +7,7 @@ What happens to a request field we do not serve, decided once here:
   silently ignored would change the output without a word. vLLM's extras that we implement (`top_k`,
   `min_tokens`, `ignore_eos`, `repetition_penalty`) are declared fields.
 - **OpenAI fields we do not implement** (`_not_implemented(...)`: completions' `suffix`; chat's
-  `response_format`, `tools`, `tool_choice`, `functions`, `function_call`, `parallel_tool_calls`,
+  `tools`, `tool_choice`, `functions`, `function_call`, `parallel_tool_calls`,
   `modalities`, `audio`) are declared, so the OpenAPI schema lists them, and refused with a 400 naming them
   unless the value is OpenAI's default or means "off" (`suffix: ""`, `tools: []`, `tool_choice: "none"`):
   such a value asks for nothing we leave out, and clients that send every field with its default (the
@@ -15,7 +15,8 @@ What happens to a request field we do not serve, decided once here:
   A chat content part other than text (`image_url`, `input_audio`) is refused too: text only.
 - Served with bounds: `n`, completions' `best_of`, `echo` and `logprobs` (0..20), chat's `logprobs` and
   `top_logprobs` (0..20), `presence_penalty` / `frequency_penalty` (-2..2), `repetition_penalty` (> 0),
-  `logit_bias` (token id -> -100..100). The checks that need the server (n against --max-num-seqs, token
+  `logit_bias` (token id -> -100..100), chat's `response_format` (text, json_object, json_schema; compiled
+  and bounded by server/api/structured.py). The checks that need the server (n against --max-num-seqs, token
   ids against the vocabulary, best_of with stream) are the route's.
 - `user` is accepted and unused: an end-user label for abuse monitoring that changes no output.
 """
@@ -25,9 +26,8 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
-from pydantic import StrictInt  # /v1/embeddings' token-id inputs: true is not a token
 
 from server.engine.sampling import LOGIT_BIAS_RANGE, MAX_LOGPROBS, PENALTY_RANGE
 
@@ -219,7 +219,9 @@ class ChatCompletionRequest(SamplingFields):
                                                     "model's raw logits")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS,
                                      description=f"the top alternatives (0..{MAX_LOGPROBS}) per token; needs logprobs")
-    response_format: dict[str, Any] | None = _not_implemented({"type": "text"})
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": '
+                          '{"name": ..., "schema": {...}, "strict": ...}}: the reply is JSON (valid against the schema)')
     tools: list[dict[str, Any]] | None = _not_implemented([])
     tool_choice: str | dict[str, Any] | None = _not_implemented("none")
     functions: list[dict[str, Any]] | None = _not_implemented([])

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from server.api.combination import COMBINATION_LABEL, CombinationRef, is_combination
 from server.api.errors import DRAIN_HEADERS, ApiError
 from server.api.lifecycle import Lifecycle
+from server.api.structured import StructuredOutput
 from server.auth import bearer_matches, secret_bytes
 from server.config import ServerConfig
 from server.engine.base_model import BaseModel
@@ -38,6 +39,7 @@ class AppState:
     scheduler: Scheduler | OrtGenerator | None  # continuous batching for generation; None on encoder bases
     classifier: ClassifyBatcher | OrtClassifier  # batched classification (any base)
     base_classifier: LoadedAdapter | None = None  # the base's own head, when the base is a trained classifier
+    structured: StructuredOutput | None = None  # response_format's compiler; None where it is not served
     started_at: int = field(default_factory=lambda: int(time.time()))
 
     @property

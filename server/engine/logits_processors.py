@@ -1,4 +1,5 @@
-"""Per-row logit changes applied before sampling: logit_bias and the penalties.
+"""Per-row logit changes applied before sampling: logit_bias, the penalties and the structured-output
+grammar (server/engine/grammar.py, last).
 
 One interface for every processor (the grammar module writes its own against it):
 
@@ -99,4 +100,6 @@ def build_processors(params: SamplingParams, prompt_ids: Sequence[int], tokenize
     if params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0:
         processors.append(Penalties(params.presence_penalty, params.frequency_penalty, params.repetition_penalty,
                                     prompt_ids))
+    if params.constraint is not None:  # last: its -inf mask stays -inf through the others
+        processors.append(params.constraint.processor())
     return processors

@@ -10,9 +10,13 @@ generator, seeded with `choice_seed(seed, i)`: choice 0 uses the seed itself, so
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from server.engine.logits_processors import LogitsProcessor
 
 # Temperatures below this sample greedily (vLLM's _SAMPLING_EPS): dividing logits by a tinier one
 # overflows them to inf, and softmax of inf - inf is NaN, which torch.multinomial refuses.
@@ -21,6 +25,13 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 MAX_LOGPROBS = 20  # top alternatives per token, at most (vLLM's default max_logprobs)
 PENALTY_RANGE = (-2.0, 2.0)  # OpenAI's presence_penalty / frequency_penalty
 LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
+
+
+class ConstraintFactory(Protocol):
+    """What a request's structured-output constraint is to the engine (grammar.CompiledGrammar): shared
+    by the requests that ask for it; `processor()` makes a fresh, stateful one per sequence."""
+
+    def processor(self) -> LogitsProcessor: ...
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI's: minus this times the token's count in the generated text
     repetition_penalty: float = 1.0  # vLLM's: tokens of prompt or output: positive logits / it, negative * it
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), sorted by token id
+    # structured output (response_format): applied after the other processors; None: unconstrained
+    constraint: ConstraintFactory | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -61,6 +74,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty={self.repetition_penalty} must be above 0")
         if any(token < 0 or not LOGIT_BIAS_RANGE[0] <= bias <= LOGIT_BIAS_RANGE[1] for token, bias in self.logit_bias):
             raise ValueError(f"logit_bias needs token ids >= 0 and biases in {LOGIT_BIAS_RANGE}")
+        if self.constraint is not None and (self.min_tokens or self.ignore_eos):
+            raise ValueError("a constrained output ends with EOS once complete: min_tokens and ignore_eos do not apply")
 
     @property
     def greedy(self) -> bool:

@@ -1,12 +1,15 @@
 """The stock `openai` client against `server serve` on SmolLM2: logprobs (completions and chat, streamed
-and not), n, best_of, echo, penalties and logit_bias, as a user's code would send them."""
+and not), n, best_of, echo, penalties, logit_bias and response_format (on the base and on an adapter,
+validated with jsonschema), as a user's code would send them."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
+from tests.conftest import EXAMPLE_ADAPTERS
 from tests.integration.test_serve_e2e import running_server
 
 PROMPT = "The capital of France is"
@@ -19,7 +22,7 @@ def test_sampling_and_logprobs_through_the_openai_client(tmp_path, smollm2_base)
 
     paris = AutoTokenizer.from_pretrained(smollm2_base.path)(" Paris", add_special_tokens=False)["input_ids"]
     assert len(paris) == 1
-    with running_server(tmp_path, BASE, {}) as (url, _):
+    with running_server(tmp_path, BASE, {"chatbot-tech": EXAMPLE_ADAPTERS / "chatbot-tech"}) as (url, _):
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
         greedy = {"model": BASE, "max_tokens": 6, "temperature": 0}
 
@@ -78,3 +81,21 @@ def test_sampling_and_logprobs_through_the_openai_client(tmp_path, smollm2_base)
         with pytest.raises(openai.BadRequestError, match="tool calling is not supported"):
             client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], tools=[
                 {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], **greedy)
+
+        jsonschema = pytest.importorskip("jsonschema")
+        schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40},
+                                                   "country": {"type": "string", "maxLength": 40}},
+                  "required": ["city", "country"]}
+        response_format = {"type": "json_schema", "json_schema": {"name": "place", "schema": schema, "strict": True}}
+        question = [{"role": "user", "content": "Where is the Eiffel Tower? Answer in JSON."}]
+        for model in (BASE, "chatbot-tech"):
+            reply = client.chat.completions.create(messages=question, model=model, max_tokens=48, temperature=0,
+                                                   response_format=response_format)
+            jsonschema.validate(json.loads(reply.choices[0].message.content), schema)
+        anything = client.chat.completions.create(messages=question, model="chatbot-tech", max_tokens=48,
+                                                  temperature=0, response_format={"type": "json_object"})
+        text = anything.choices[0].message.content  # free keys: the 135M model may run on past max_tokens
+        assert text.startswith('{"') and (anything.choices[0].finish_reason == "length" or isinstance(json.loads(text), dict))
+        with pytest.raises(openai.BadRequestError, match="response_format"):
+            client.chat.completions.create(messages=question, model=BASE, max_tokens=8,
+                                           response_format={"type": "json_schema", "json_schema": {"schema": 3}})
