@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
 
+from server.api.batched import run_batched
 from server.api.errors import ApiError, engine_error
 from server.api.schemas import ClassifyItem, ClassifyRequest, ClassifyResponse, Usage, error_responses
 from server.api.state import AppState, State
@@ -45,14 +44,7 @@ async def _classify(state: AppState, body: ClassifyRequest, texts: list[str], ad
     max_length = state.config.classify_max_length
     tokens = sum(len(ids[:max_length]) for ids in state.base.tokenizer(texts)["input_ids"])
 
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future = loop.create_future()
-
-    def done(outcome) -> None:  # on the batcher thread
-        loop.call_soon_threadsafe(_settle, future, outcome)
-
-    state.classifier.submit(ClassifyJob(texts, adapter, done))  # QueueFullError: 429 (errors.py)
-    outcome = await future
+    outcome = await run_batched(state.classifier, lambda done: ClassifyJob(texts, adapter, done))
     if isinstance(outcome, BaseException):
         raise engine_error(outcome, "classification failed") from outcome
     results = outcome
@@ -63,8 +55,3 @@ async def _classify(state: AppState, body: ClassifyRequest, texts: list[str], ad
         data=[ClassifyItem(index=i, label=r.label, probs=r.probs) for i, r in enumerate(results)],
         usage=Usage(prompt_tokens=tokens, total_tokens=tokens),
     )
-
-
-def _settle(future: asyncio.Future, outcome) -> None:
-    if not future.done():  # the client may have gone away
-        future.set_result(outcome)

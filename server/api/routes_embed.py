@@ -15,13 +15,13 @@ Token-id inputs are taken as given: no special tokens are added ([CLS] ... [SEP]
 
 from __future__ import annotations
 
-import asyncio
 import base64
 
 import numpy as np
 import torch
 from fastapi import APIRouter, Request
 
+from server.api.batched import run_batched
 from server.api.errors import ApiError, engine_error
 from server.api.schemas import (EmbeddingItem, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage,
                                 error_responses)
@@ -45,14 +45,7 @@ async def embeddings(body: EmbeddingRequest, request: Request, state: State) -> 
     adapter = await state.acquire_model(body.model)
     try:
         request.state.adapter_label = state.metrics.adapter_label(adapter.name if adapter else None)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
-
-        def done(outcome) -> None:  # on the batcher thread
-            loop.call_soon_threadsafe(_settle, future, outcome)
-
-        state.classifier.submit(EmbedJob(token_ids, adapter, done))  # QueueFullError: 429 (errors.py)
-        outcome = await future
+        outcome = await run_batched(state.classifier, lambda done: EmbedJob(token_ids, adapter, done))
     finally:
         state.release_model(adapter)
     if isinstance(outcome, BaseException):
@@ -125,8 +118,3 @@ def _floats(row: torch.Tensor) -> list[float]:
 
 def _base64(row: torch.Tensor) -> str:
     return base64.b64encode(row.numpy().astype(LITTLE_ENDIAN_F32).tobytes()).decode("ascii")
-
-
-def _settle(future: asyncio.Future, outcome) -> None:
-    if not future.done():  # the client may have gone away
-        future.set_result(outcome)

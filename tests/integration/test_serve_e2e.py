@@ -111,3 +111,15 @@ def test_classification_server(tmp_path):
         data = response.json()["data"]
         assert len(data) == 2 and data[0]["label"] != data[1]["label"]
         assert abs(sum(data[0]["probs"].values()) - 1) < 1e-4
+
+        openai = pytest.importorskip("openai")  # the stock client's embeddings call (it asks for base64)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+        texts = ["A man is eating food.", "A man is riding a horse."]
+        base = client.embeddings.create(model="minilm-l6", input=texts)
+        floats = client.embeddings.create(model="minilm-l6", input=texts, encoding_format="float")
+        tuned = client.embeddings.create(model=name, input=texts)
+        assert [len(e.embedding) for e in base.data] == [384, 384] and base.usage.prompt_tokens > 0
+        for a, b, c in zip(base.data, floats.data, tuned.data):
+            assert sum(x * x for x in a.embedding) == pytest.approx(1.0, abs=1e-5)
+            assert a.embedding == pytest.approx(b.embedding, abs=1e-6)
+            assert sum(x * y for x, y in zip(a.embedding, c.embedding)) < 0.999  # the adapter changes it

@@ -10,7 +10,7 @@ import pytest
 PROMPT = "Once upon a time"
 
 
-def _post(client, route: str, **fields) -> dict:
+def _send(client, route: str, **fields):
     body = {"model": "alpha", "max_tokens": 6, "temperature": 0, "ignore_eos": True, **fields}
     if route == "chat":
         body.setdefault("messages", [{"role": "user", "content": "tell me a story"}])
@@ -18,17 +18,15 @@ def _post(client, route: str, **fields) -> dict:
         body.setdefault("prompt", PROMPT)
     response = client.post("/v1/chat/completions" if route == "chat" else "/v1/completions", json=body)
     assert response.status_code == 200, response.text
-    return response.json()
+    return response
+
+
+def _post(client, route: str, **fields) -> dict:
+    return _send(client, route, **fields).json()
 
 
 def _stream(client, route: str, **fields) -> list[dict]:
-    body = {"model": "alpha", "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True, **fields}
-    if route == "chat":
-        body.setdefault("messages", [{"role": "user", "content": "tell me a story"}])
-    else:
-        body.setdefault("prompt", PROMPT)
-    response = client.post("/v1/chat/completions" if route == "chat" else "/v1/completions", json=body)
-    assert response.status_code == 200, response.text
+    response = _send(client, route, stream=True, **fields)
     events = [line[len("data: "):] for line in response.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]

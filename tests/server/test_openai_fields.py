@@ -22,11 +22,14 @@ COMPLETION = {"prompt": "hi"}
 # field -> a value that asks for something we do not serve (on completions, the chat-only fields are
 # unknown fields; chat's top_logprobs without logprobs: true is refused too)
 REFUSED_ON_BOTH = {
-    "suffix": " the end", "response_format": {"type": "json_object"},
+    "suffix": " the end",
     "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "auto",
     "functions": [{"name": "f"}], "top_logprobs": 3, "max_token": 5, "min_p": 0.1,
 }
 CHAT_ONLY_VALUES: dict = {}
+REFUSED_ON_COMPLETIONS = {"response_format": {"type": "json_object"}}  # chat serves it (test_structured_api.py)
+REFUSED = [(kind, field) for kind in ("completion", "chat") for field in sorted(REFUSED_ON_BOTH)] + [
+    ("completion", field) for field in sorted(REFUSED_ON_COMPLETIONS)]
 # (route kind, field, value): a served field out of its bounds, or a value the server cannot serve
 OUT_OF_BOUNDS = [
     ("completion", "logprobs", 21), ("completion", "logprobs", -1), ("chat", "top_logprobs", 21),
@@ -52,11 +55,11 @@ def _route(kind: str) -> tuple[str, dict]:
     return ("/v1/chat/completions", CHAT) if kind == "chat" else ("/v1/completions", COMPLETION)
 
 
-@pytest.mark.parametrize("kind", ["completion", "chat"])
-@pytest.mark.parametrize("field", sorted(REFUSED_ON_BOTH))
+@pytest.mark.parametrize("kind, field", REFUSED)
 def test_unimplemented_or_unknown_fields_are_refused_by_name(llama_client, kind, field):
     route, body = _route(kind)
-    value = CHAT_ONLY_VALUES.get(field, REFUSED_ON_BOTH[field]) if kind == "chat" else REFUSED_ON_BOTH[field]
+    value = {**REFUSED_ON_BOTH, **REFUSED_ON_COMPLETIONS}[field]
+    value = CHAT_ONLY_VALUES.get(field, value) if kind == "chat" else value
     response = llama_client.post(route, json={"model": "alpha", "max_tokens": 2, **body, field: value})
     assert response.status_code == 400, response.text
     error = response.json()["error"]
