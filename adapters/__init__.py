@@ -13,7 +13,7 @@ from adapters.manifest import MANIFEST_FILE, Manifest, read_manifest, write_mani
 from adapters.names import validate_adapter_name
 from adapters.spec import LoraSpec, parse_lora_config
 from adapters.store import AdapterStore, atomic_directory
-from adapters.validate import BaseSignature, validate_against_base
+from adapters.validate import BaseSignature, align_to_base, validate_against_base
 
 __all__ = [
     "EMBEDDED_BASES", "BaseNotFoundError", "PreparedBase", "resolve_base",
@@ -22,5 +22,5 @@ __all__ = [
     "EXPORT_MANIFEST_FILE", "ExportManifest", "is_export_folder", "read_export_folder", "write_export_manifest",
     "MANIFEST_FILE", "Manifest", "read_manifest", "write_manifest",
     "validate_adapter_name", "LoraSpec", "parse_lora_config",
-    "AdapterStore", "atomic_directory", "BaseSignature", "validate_against_base",
+    "AdapterStore", "atomic_directory", "BaseSignature", "align_to_base", "validate_against_base",
 ]

@@ -43,6 +43,12 @@ class LoraWeights:
         return self.a.shape[0]
 
 
+# PEFT's task_type -> the task this project serves the adapter for (anything else: completion).
+# FEATURE_EXTRACTION is what PEFT (and sentence-transformers' PEFT support) writes for a bare encoder: an
+# adapter for /v1/embeddings.
+PEFT_TASKS = {"SEQ_CLS": "classification", "FEATURE_EXTRACTION": "embedding"}
+
+
 @dataclass(frozen=True)
 class AdapterFolder:
     """A parsed, self-consistent adapter (not yet checked against a base: see adapters.validate)."""
@@ -60,7 +66,8 @@ class AdapterFolder:
     def task(self) -> str:
         if self.manifest is not None:
             return self.manifest.task
-        return "classification" if self.spec is not None and self.spec.task_type == "SEQ_CLS" else "completion"
+        task_type = self.spec.task_type if self.spec is not None else None
+        return PEFT_TASKS.get(task_type, "completion")
 
     @property
     def labels(self) -> tuple[str, ...]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -39,6 +40,24 @@ class BaseSignature:
         head_dim = int(getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else 0))
         return cls(name=name, fingerprint=fingerprint, linear_shapes=shapes, hidden_size=int(config.hidden_size),
                    num_layers=int(getattr(config, "num_hidden_layers", 0) or 0), kv_heads=kv_heads, head_dim=head_dim)
+
+
+def align_to_base(adapter: AdapterFolder, base: BaseSignature) -> AdapterFolder:
+    """The adapter with its module names as the base names them. PEFT names modules relative to the model
+    it wrapped: a FEATURE_EXTRACTION adapter trained on a bare encoder (`BertModel`) says
+    `encoder.layer.0.attention.self.query` where the served task model has `bert.encoder.layer.0...`. When
+    every LoRA module is missing from the base and one prefix (the first part of a base module name)
+    makes them all fit, the names get that prefix; otherwise the adapter is returned as it is (and
+    `validate_against_base` names what does not fit)."""
+    names = list(adapter.lora)
+    if not names or any(m in base.linear_shapes for m in names):
+        return adapter
+    prefixes = {key.split(".", 1)[0] for key in base.linear_shapes if "." in key}
+    fitting = [p for p in sorted(prefixes) if all(f"{p}.{m}" in base.linear_shapes for m in names)]
+    if len(fitting) != 1:
+        return adapter
+    prefix = fitting[0]
+    return dataclasses.replace(adapter, lora={f"{prefix}.{m}": w for m, w in adapter.lora.items()})
 
 
 def validate_against_base(adapter: AdapterFolder, base: BaseSignature) -> None:

@@ -35,7 +35,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Protocol
 
 from adapters import (
-    AdapterError, AdapterNameError, folder_digest, read_adapter_folder, validate_adapter_name, validate_against_base,
+    AdapterError, AdapterNameError, align_to_base, folder_digest, read_adapter_folder, validate_adapter_name,
+    validate_against_base,
 )
 from server.adapter_limits import AdapterLimits
 from server.engine.base_model import BaseModel
@@ -104,10 +105,12 @@ class TorchAdapterReader:
         self.base = base
 
     def read(self, name: str, source: Path, version: int, pinned: bool) -> LoadedAdapter:
-        folder = read_adapter_folder(source)
+        folder = align_to_base(read_adapter_folder(source), self.base.signature)
         validate_against_base(folder, self.base.signature)
         if folder.task == "completion" and not self.base.can_generate:
             raise AdapterError(f"completion adapter {name!r} needs a causal LM base; this base is an encoder")
+        if folder.task == "embedding" and self.base.can_generate:
+            raise AdapterError(f"embedding adapter {name!r} needs an encoder base; this base is a causal LM")
         return load_adapter(name, version, folder, self.base.backend.device, self.base.backend.dtype, pinned=pinned)
 
     def digest(self, source: Path) -> str:

@@ -38,6 +38,16 @@ class ApiError(Exception):
         self.param = param
 
 
+ROUTE_OF_TASK = {"completion": "/v1/completions or /v1/chat/completions", "classification": "/v1/classify",
+                 "embedding": "/v1/embeddings"}
+
+
+def wrong_task(model: str, task: str) -> ApiError:
+    """The 400 for an adapter sent to a route that does not serve its task; it names the route that does."""
+    route = ROUTE_OF_TASK.get(task)
+    return ApiError(400, f"adapter {model!r} is a {task} adapter" + (f"; use {route}" if route else ""), param="model")
+
+
 def error_response(status: int, message: str, kind: str, headers: dict | None = None,
                    param: str | None = None) -> JSONResponse:
     return JSONResponse(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from server.api.batched import run_batched
-from server.api.errors import ApiError, engine_error
+from server.api.errors import ApiError, engine_error, wrong_task
 from server.api.schemas import ClassifyItem, ClassifyRequest, ClassifyResponse, Usage, error_responses
 from server.api.state import AppState, State
 from server.engine.classify_batcher import ClassifyJob
@@ -40,7 +40,7 @@ async def _classify(state: AppState, body: ClassifyRequest, texts: list[str], ad
     if adapter is None:
         raise ApiError(400, f"the base {body.model!r} has no classification head; name a classification adapter")
     if adapter.task != "classification":
-        raise ApiError(400, f"adapter {body.model!r} is a {adapter.task} adapter; use /v1/completions")
+        raise wrong_task(body.model, adapter.task)
     max_length = state.config.classify_max_length
     tokens = sum(len(ids[:max_length]) for ids in state.base.tokenizer(texts)["input_ids"])
 

@@ -21,7 +21,7 @@ from jinja2 import TemplateError
 
 from server.api.choices import LogprobFormat, StreamedLogprobs, answer_choices, best_of, collect
 from server.api.combination import MAX_PARTS, is_combination, parse_combination
-from server.api.errors import ApiError, engine_error
+from server.api.errors import ApiError, engine_error, wrong_task
 from server.api.schemas import (
     ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse, SamplingFields,
     error_responses,
@@ -129,7 +129,7 @@ async def _acquire_generation_model(state: AppState, model: str,
     request.state.adapter_label = state.adapter_label(adapter)
     if adapter is not None and adapter.task != "completion":
         state.release_model(adapter)
-        raise ApiError(400, f"adapter {model!r} is a {adapter.task} adapter; use /v1/classify")
+        raise wrong_task(model, adapter.task)
     return adapter
 
 

@@ -366,3 +366,48 @@ def test_fuzz_embeddings_on_the_bert_app(tmp_path, tiny_bert_base, tiny_classifi
                           admin_token="test-token")
     failures = _fuzz(create_app(config, base=tiny_bert_base), {"/v1/embeddings"}, ("tiny-bert", "two", "three"))
     assert not failures, "\n\n".join(f"== {op}\n{text}" for op, text in failures.items())
+
+
+# -- a stock PEFT FEATURE_EXTRACTION adapter (LoRA on the bare encoder) ----------------------------------
+
+@pytest.fixture(scope="module")
+def feature_adapter(tmp_path_factory, tiny_bert_dir) -> Path:
+    """What PEFT (and sentence-transformers' PEFT support) saves for a bare `BertModel`: module names
+    relative to it (`encoder.layer.0...`, no `bert.`), task_type FEATURE_EXTRACTION."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="FEATURE_EXTRACTION",
+                        init_lora_weights=False)
+    model = get_peft_model(AutoModel.from_pretrained(tiny_bert_dir), config)
+    with torch.no_grad():  # PEFT's random init barely moves the embedding; make the adapter matter
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    out = tmp_path_factory.mktemp("feature") / "feature"
+    model.save_pretrained(out)
+    return out
+
+
+def test_feature_extraction_adapter_serves_embeddings_as_peft_does(tmp_path, tiny_bert_base, tiny_bert_dir,
+                                                                    feature_adapter):
+    config = ServerConfig(base=str(tiny_bert_base.prepared.path), served_name="tiny-bert",
+                          adapters={"feature": str(feature_adapter)}, state_dir=tmp_path / "state",
+                          admin_token="test-token")
+    with TestClient(create_app(config, base=tiny_bert_base)) as client:
+        models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+        assert models["feature"]["task"] == "embedding"
+        served = vectors(client.post("/v1/embeddings", json={"model": "feature", "input": TEXTS}))
+        base = vectors(client.post("/v1/embeddings", json={"model": "tiny-bert", "input": TEXTS}))
+        refused = client.post("/v1/classify", json={"model": "feature", "input": "x"})
+    peft_model = PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_bert_dir), feature_adapter).eval()
+    reference = reference_mean_pooling(peft_model, AutoTokenizer.from_pretrained(tiny_bert_dir), TEXTS)
+    torch.testing.assert_close(served, reference, atol=ATOL, rtol=0)
+    assert torch.nn.functional.cosine_similarity(served, base).max() < 0.99
+    assert refused.status_code == 400 and "use /v1/embeddings" in refused.json()["error"]["message"]
+
+
+def test_feature_extraction_adapter_is_refused_on_a_causal_base(llama_client, feature_adapter):
+    response = llama_client.post("/admin/adapters", headers={"Authorization": "Bearer test-token"},
+                                 json={"name": "feature", "path": str(feature_adapter)})
+    assert response.status_code == 400, response.text
