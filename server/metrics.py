@@ -41,6 +41,7 @@ class Metrics:
         self.prompt_tokens = Counter("loraplex_prompt_tokens", "Prompt tokens processed", ["adapter"], registry=r)
         self.generation_tokens = Counter("loraplex_generation_tokens", "Tokens generated", ["adapter"], registry=r)
         self.classified_inputs = Counter("loraplex_classified_inputs", "Texts classified", ["adapter"], registry=r)
+        self.embedded_inputs = Counter("loraplex_embedded_inputs", "Inputs embedded", ["adapter"], registry=r)
         self.inter_token_latency = Histogram(
             "loraplex_inter_token_latency_seconds", "Time between consecutive generated tokens", ["adapter"],
             buckets=LATENCY_BUCKETS, registry=r,

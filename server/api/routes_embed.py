@@ -51,6 +51,7 @@ async def embeddings(body: EmbeddingRequest, request: Request, state: State) -> 
     if isinstance(outcome, BaseException):
         raise engine_error(outcome, "embedding failed") from outcome
     tokens = sum(len(ids) for ids in token_ids)
+    state.metrics.embedded_inputs.labels(request.state.adapter_label).inc(len(token_ids))
     state.metrics.prompt_tokens.labels(request.state.adapter_label).inc(tokens)
     encode = _base64 if body.encoding_format == "base64" else _floats
     return EmbeddingResponse(

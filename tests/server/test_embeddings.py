@@ -243,6 +243,7 @@ def test_api_key_and_metrics(tmp_path, tiny_bert_base, tiny_classifiers):
         text = client.get("/metrics").text
     assert 'loraplex_requests_total{adapter="two",route="/v1/embeddings",status="200"} 1.0' in text
     assert 'loraplex_batch_size_count{phase="embed"} 1.0' in text
+    assert 'loraplex_embedded_inputs_total{adapter="two"} 2.0' in text
 
 
 # -- the sentence-transformers pipeline a folder describes -------------------------------------------------
