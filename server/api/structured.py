@@ -42,10 +42,8 @@ class StructuredOutput:
         """In the calling thread; ValueError for a format the user must change."""
         return self.compiler().compile_openai(response_format)
 
-    async def compile(self, response_format: Mapping[str, Any] | None) -> CompiledGrammar | None:
-        """None when the output is unconstrained (no response_format, or `{"type": "text"}`)."""
-        if response_format is None or response_format == {"type": "text"}:
-            return None
+    async def compile(self, response_format: Mapping[str, Any]) -> CompiledGrammar | None:
+        """The grammar of a response_format (None for `{"type": "text"}`: nothing to constrain)."""
         try:
             return await asyncio.wait_for(run_in_threadpool(self.compile_now, response_format), COMPILE_TIMEOUT_S)
         except ValueError as exc:

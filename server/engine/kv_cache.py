@@ -76,15 +76,10 @@ class SlotKVCache:
             k_cache[slot, :, :length] = keys
             v_cache[slot, :, :length] = values
 
-    def move_slot(self, src: int, dst: int, length: int) -> None:
-        """Copy the first `length` positions of slot `src` into slot `dst` (keeps running rows compact)."""
-        for k_cache, v_cache in zip(self.keys, self.values):
-            k_cache[dst, :, :length] = k_cache[src, :, :length]
-            v_cache[dst, :, :length] = v_cache[src, :, :length]
-
     def copy_slot(self, src: int, dsts: Sequence[int], length: int) -> None:
-        """Copy the first `length` positions of slot `src` into every slot of `dsts`: a request with n > 1
-        choices prefills its prompt once, in `src`, and each other choice decodes on from a copy."""
+        """Copy the first `length` positions of slot `src` into every slot of `dsts`: to keep running rows
+        compact (one destination), and for a request with n > 1 choices, which prefills its prompt once, in
+        `src`, each other choice decoding on from a copy."""
         index = torch.tensor(list(dsts), device=self.keys[0].device)
         for k_cache, v_cache in zip(self.keys, self.values):
             k_cache[index, :, :length] = k_cache[src, :, :length]  # [kv_heads, length, head_dim], broadcast

@@ -311,7 +311,7 @@ class Scheduler(ModelWorker):
             return
         for new_slot, running in enumerate(alive):
             if running.slot != new_slot:
-                self.runner.cache.move_slot(running.slot, new_slot, running.length)
+                self.runner.cache.copy_slot(running.slot, [new_slot], running.length)
                 running.slot = new_slot
         self._running = alive
 
