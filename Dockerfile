@@ -13,9 +13,10 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH
 
 # apt versions are not pinned: the base image tag pins the release, and its security updates should flow in.
+# g++: `--quant int8/int4` on a CPU host compiles its native kernels at start-up (server/engine/native).
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv curl \
+    && apt-get install -y --no-install-recommends python3 python3-venv curl g++ \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 

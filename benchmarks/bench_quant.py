@@ -60,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sentiment", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--kernels", action="store_true", help="only the kernel sweep over SmolLM2's matrix shapes")
+    p.add_argument("--kernel-rows", default="1,8,64", help="--kernels: comma list of row counts")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", default=os.environ.get("LORAPLEX_CACHE", str(Path.home() / ".cache" / "loraplex")))
@@ -204,13 +205,16 @@ def ratios(results: dict) -> dict:
     return out
 
 
-def kernel_sweep(threads: int) -> None:
+def kernel_sweep(threads: int, rows_list: tuple[int, ...] = (1, 8, 64)) -> None:
     """One pass over SmolLM2-135M's 211 matrix shapes (30 layers of q, k, v, o, gate, up, down + the head)."""
     from adapters.quantized import quantize_int4, quantize_int8, quantize_int8_channel
     from server.engine.backend import linear_kernel_for
+    from server.engine.native import qgemm_library
     from server.engine.quant_kernels import TorchInt4, TorchInt8, TorchInt8Channel
+    from server.engine.quant_native import NativeInt4, NativeInt8, NativeInt8Channel
 
     torch.set_num_threads(threads)
+    lib = qgemm_library()
     shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30
     shapes.append((49152, 576))
     weights = [torch.randn(n, k) * 0.02 for n, k in shapes]
@@ -223,7 +227,19 @@ def kernel_sweep(threads: int) -> None:
         "int8_channel": lambda w: (lambda x, m=TorchInt8Channel(**quantize_int8_channel(w)): m.matmul(x, None)),
         "int4": lambda w: (lambda x, m=TorchInt4(**quantize_int4(w), group_size=32): m.matmul(x, None)),
     }
-    for rows in (1, 8, 64):
+    if lib is not None:  # the native kernels, never the dequantize fallback (dequant_rows past every row count)
+        never = 1 << 30
+        makers.update({
+            "native_int8": lambda w: (lambda x, m=NativeInt8(lib, **quantize_int8(w, 64), group_size=64,
+                                                               dequant_rows=never): m.matmul(x, None)),
+            "native_int8_channel": lambda w: (lambda x, m=NativeInt8Channel(lib, **quantize_int8_channel(w),
+                                                                             dequant_rows=never): m.matmul(x, None)),
+            "native_int4": lambda w: (lambda x, m=NativeInt4(lib, **quantize_int4(w), group_size=32,
+                                                               dequant_rows=never): m.matmul(x, None)),
+            "dequant_int8": lambda w: (lambda x, m=NativeInt8(lib, **quantize_int8(w, 64), group_size=64,
+                                                                dequant_rows=0): m.matmul(x, None)),
+        })
+    for rows in rows_list:
         timings = {}
         for name, make in makers.items():
             fns = [make(w) for w in weights]
@@ -245,7 +261,7 @@ def main() -> None:
         worker(args)
         return
     if args.kernels:
-        kernel_sweep(args.threads)
+        kernel_sweep(args.threads, tuple(int(r) for r in args.kernel_rows.split(",")))
         return
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]

@@ -94,7 +94,7 @@ def quantize_base(model: nn.Module, kernels: QuantKernels, device: torch.device,
         if weights is None:
             raise ValueError("torch quantization kernels need the quantized weights (adapters.quantized.quantize_model)")
         matrices = _install_checkpoint(model, kernels, weights, dtype)
-        kernel = f"torch {kernels.quant} ({device.type})"
+        kernel = f"{kernels.kind} {kernels.quant} ({device.type})"
     else:
         matrices = _install_bnb(model, kernels, device, dtype)
         kernel = f"bitsandbytes {kernels.bnb_mode}"

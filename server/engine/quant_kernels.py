@@ -6,26 +6,33 @@ the activation dtype, as on a full-precision base. `dequantize()` is the fp32 ma
 
 Which kernel serves which mode is decided once, by `quant_kernels_for(device, quant)`:
 
-    CPU  int8  torch's `_weight_int4pack_mm_for_cpu`, twice   8-bit, asymmetric, groups of 64 along K,
-                                                          as two 4-bit halves (TorchInt8); matrices that
-                                                          do not pack: `_weight_int8pack_mm`, one scale
-                                                          per output row (TorchInt8Channel)
+    CPU  int8  native u8g (server/engine/native/qgemm.cpp)  8-bit, asymmetric, groups of 64 along K,
+                                                          fp32 activations (NativeInt8)
+         int4  native u4g                                 4-bit, asymmetric, groups of 32 along K,
+                                                          fp16 scales and mins (NativeInt4)
+         int8_channel matrices (the tied embedding/head where groups do not fit): native i8c
+         where the native kernels cannot be built (no C++ compiler, no AVX2):
+         int8  torch's `_weight_int4pack_mm_for_cpu`, twice (two 4-bit halves, TorchInt8); matrices that
+               do not pack: `_weight_int8pack_mm`, one scale per output row (TorchInt8Channel)
          int4  torch's `_weight_int4pack_mm_for_cpu`    4-bit, asymmetric, groups of 32 along K
          nf4 / fp4  bitsandbytes `Linear4bit`           what `training qlora` trains against (exact)
     CUDA int8  bitsandbytes LLM.int8 (`Linear8bitLt`)
          int4 / nf4  bitsandbytes NF4, double quantization; fp4 bitsandbytes FP4
 
-Why these on CPU (this project's 2-core AVX2 machine, a kernel sweep like `python benchmarks/bench_quant.py
---kernels`): over all 211 of SmolLM2-135M's weight matrices, one pass took fp32 (oneDNN, packed) 57 / 116 ms
-at 1 / 8 rows, bf16 F.linear 29 / 222 ms, torch's per-row int8 kernel 25 / 80 ms and its int4 kernel
-16 / 54 ms, both fed bf16 activations. int8 runs the int4 kernel twice rather than the int8 one because
-one scale per row cost greedy agreement (adapters/quantized.py has the figures). With fp32 activations the same torch kernels fall to a
-scalar path (116 / 1,069 ms int8): so x is cast to bf16 for the base matmul only, and the result back.
-bitsandbytes on CPU dequantizes per call and was slower than fp32 (measured when the versions were pinned: 4.4 / 6.0 ms against 3.4 ms
-for a 1024x1024 layer at 32 rows): it is kept for nf4/fp4 because it is QLoRA's own arithmetic.
-Both torch kernels are compute-bound past a few dozen rows (int4 at 512 rows: 20 ms against fp32's
-7 ms for a 1536x576 layer), so prefill chunks of at least DEQUANT_ROWS rows dequantize the matrix into
-a scratch fp32 buffer and run one fp32 matmul instead (one matrix at a time: nothing stays resident).
+Why the native kernels on CPU (this project's 2-core AVX2 machine, Zen 1 at about 2 GHz, quiet, the
+sweep `python benchmarks/bench_quant.py --kernels`, one pass over all 211 of SmolLM2-135M's weight
+matrices, at 1 / 8 rows of x): fp32 (oneDNN, packed) 44 / 64-73 ms, bf16 F.linear 59 / 244 ms, torch's
+int4 kernel 31 / 88-121 ms and its two-halves int8 91 / 181 ms (both fed bf16 activations), native
+int8 26-34 / 65-68 ms, native int4 31-33 / 77-81 ms (fp32 activations). The torch kernels need bf16
+activations (with fp32 ones they fall to a scalar path), which cost about one point of greedy
+agreement; the native ones read fp32 activations and widen the weights in registers, so they are
+both faster and exact to fp32 rounding. The native int4 kernel is no faster than torch's at one row
+(unpacking nibbles costs more than reading bytes on this core) but faster at eight.
+bitsandbytes on CPU dequantizes per call and was slower than fp32 (measured when the versions were
+pinned: 4.4 / 6.0 ms against 3.4 ms for a 1024x1024 layer at 32 rows): it is kept for nf4/fp4
+because it is QLoRA's own arithmetic. Every int kernel is compute-bound past a few dozen rows, so
+prefill chunks of at least `dequant_rows` rows dequantize the matrix into a scratch fp32 buffer and
+run one fp32 matmul instead (one matrix at a time: nothing stays resident).
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ import torch.nn.functional as F
 
 from adapters.quantized import dequantize as reference_dequantize
 from adapters.quantized import unpack_int4
+from server.engine.native import qgemm_library
+from server.engine.quant_native import NativeInt4, NativeInt8, NativeInt8Channel, native_shape_fits
 
 log = logging.getLogger(__name__)
 
@@ -268,15 +277,21 @@ class QuantKernels:
     read checkpoints); `from_weight` quantizes a full-precision weight itself (bitsandbytes)."""
 
     quant: str
-    kind: str  # "torch" (int8 / int4 tensors from adapters.quantized) or "bnb"
+    kind: str  # "native" or "torch" (int8 / int4 tensors from adapters.quantized), or "bnb"
     bnb_mode: str = ""  # "nf4" | "fp4" | "llm_int8"
     layout_known: bool = True  # False where the probe found another int4 layout: q is kept beside it
 
     @property
     def reads_checkpoints(self) -> bool:
-        return self.kind == "torch"
+        return self.kind in ("native", "torch")
 
     def from_checkpoint(self, kind: str, tensors: dict[str, torch.Tensor], group_size: int) -> QuantMatrix:
+        lib = qgemm_library() if self.kind == "native" else None
+        if lib is not None and native_shape_fits(kind, tuple(tensors["qweight"].shape), group_size):
+            if kind == "int8_channel":
+                return NativeInt8Channel(lib, tensors["qweight"], tensors["scales"])
+            cls = NativeInt8 if kind == "int8" else NativeInt4
+            return cls(lib, tensors["qweight"], tensors["scales"], tensors["mins"], group_size)
         if kind == "int8_channel":
             return TorchInt8Channel(tensors["qweight"], tensors["scales"])
         cls = TorchInt8 if kind == "int8" else TorchInt4
@@ -305,7 +320,7 @@ def quant_kernels_for(device: torch.device, quant: str) -> QuantKernels | None:
     elif quant in ("nf4", "fp4"):
         kernels = QuantKernels(quant, "bnb", quant)
     else:
-        kernels = QuantKernels(quant, "torch")
+        kernels = QuantKernels(quant, "native" if qgemm_library() is not None else "torch")
     if not _probe(kernels, device):
         log.warning("torch's int4 packing differs from the layout this build reads back: the quantized "
                     "values are kept beside the packed ones (more memory)")
