@@ -61,20 +61,37 @@ LP_INLINE void fma_rows(__m256 (&acc)[MB][NB], const __m256 (&w)[NB], const floa
   }
 }
 
+template <int MB, int NB>
+LP_INLINE void zero(__m256 (&acc)[MB][NB]) {
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+}
+
 // What every kind's block needs: x and out at the block's first row, the per-group sums of x.
 struct Rows {
   const float* x; const float* xsum; float* out; int64_t K, N, groups;
 };
+
+// out = sum(acc) + sum_g min[n, g] * xsum[m, g], the group offsets folded out of the inner loop;
+// `min_of(n, g)` reads one offset in the kind's own storage
+template <int MB, int NB, class MinOf>
+LP_INLINE void finish_with_offsets(const __m256 (&acc)[MB][NB], const Rows& r, int64_t n0, MinOf&& min_of) {
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      float offset = 0.f;
+      for (int64_t g = 0; g < r.groups; ++g) offset += min_of(n0 + j, g) * r.xsum[i * r.groups + g];
+      r.out[i * r.N + n0 + j] = hsum(acc[i][j]) + offset;
+    }
+}
 
 struct U8g {
   const uint8_t* q; const float* scale; const float* mins; int64_t G;
   template <int MB, int NB>
   LP_INLINE void block(const Rows& r, int64_t n0) const {
     __m256 acc[MB][NB];
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+    zero(acc);
     for (int64_t g = 0; g < r.groups; ++g) {
       __m256 s[NB];
 #pragma GCC unroll 8
@@ -86,12 +103,7 @@ struct U8g {
         fma_rows<MB, NB>(acc, w, r.x, r.K, k);
       }
     }
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NB; ++j) {
-        float offset = 0.f;
-        for (int64_t g = 0; g < r.groups; ++g) offset += mins[(n0 + j) * r.groups + g] * r.xsum[i * r.groups + g];
-        r.out[i * r.N + n0 + j] = hsum(acc[i][j]) + offset;
-      }
+    finish_with_offsets(acc, r, n0, [&](int64_t n, int64_t g) { return mins[n * r.groups + g]; });
   }
 };
 
@@ -100,10 +112,7 @@ struct U4g {
   template <int MB, int NB>
   LP_INLINE void block(const Rows& r, int64_t n0) const {
     __m256 acc[MB][NB];
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+    zero(acc);
     const int64_t row_bytes = r.K / 2;
     for (int64_t g = 0; g < r.groups; ++g) {
       __m256 s[NB];
@@ -121,13 +130,7 @@ struct U4g {
         }
       }
     }
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NB; ++j) {
-        float offset = 0.f;
-        for (int64_t g = 0; g < r.groups; ++g)
-          offset += _cvtsh_ss(mins[(n0 + j) * r.groups + g]) * r.xsum[i * r.groups + g];
-        r.out[i * r.N + n0 + j] = hsum(acc[i][j]) + offset;
-      }
+    finish_with_offsets(acc, r, n0, [&](int64_t n, int64_t g) { return _cvtsh_ss(mins[n * r.groups + g]); });
   }
 };
 
@@ -136,10 +139,7 @@ struct I8c {
   template <int MB, int NB>
   LP_INLINE void block(const Rows& r, int64_t n0) const {
     __m256 acc[MB][NB];
-#pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
+    zero(acc);
     for (int64_t k = 0; k < r.K; k += 8) {
       __m256 w[NB];
 #pragma GCC unroll 8
