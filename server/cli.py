@@ -1,4 +1,4 @@
-"""`server serve | add-adapter | remove-adapter | list-adapters` (console script `server`)."""
+"""`server serve | ray-serve | add-adapter | remove-adapter | list-adapters` (console script `server`)."""
 
 from __future__ import annotations
 
@@ -28,6 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="start the HTTP server (every flag is also env LORAPLEX_<FLAG>)")
     add_config_flags(serve, ServerConfig)  # one source of names, defaults and help: ServerConfig
 
+    from server.ray.cli import add_ray_serve_parser  # imports no Ray: only running the command does
+
+    add_ray_serve_parser(sub)
+
     for name, help_text in (("add-adapter", "load an adapter into a running server"),
                             ("remove-adapter", "unload an adapter from a running server"),
                             ("list-adapters", "list a running server's adapters")):
@@ -47,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "ray-serve":
+        from server.ray.cli import ray_serve
+
+        return ray_serve(args)
     return _admin(args)
 
 
