@@ -41,7 +41,9 @@ class _NativeMatrix:
             self._gemm(flat, out)
         if bias is not None:
             out.add_(bias)
-        return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if x.dtype != torch.float32:
+            out = out.to(x.dtype)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def _gemm(self, x: torch.Tensor, out: torch.Tensor) -> None:
         raise NotImplementedError
