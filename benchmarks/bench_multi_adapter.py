@@ -96,18 +96,29 @@ def make_peft_adapters(base_path: Path, count: int, rank: int, out_dir: Path) ->
 def run_engine(base, prompts, adapters: list[LoadedAdapter | None], concurrency: int, new_tokens: int,
                threads: int, extra_len: int = 0) -> dict:
     """Submit every request at once; the scheduler runs `concurrency` at a time. -> tokens/s and stats.
-    `extra_len`: KV positions an adapter adds in front of the prompt (prompt-learning virtual tokens)."""
+    `extra_len`: KV positions an adapter adds in front of the prompt (prompt-learning virtual tokens).
+
+    `tokens_per_s` is every generated token over the whole run (start-up, adapter loads and prefills
+    included). `decode_tokens_per_s` counts only decode steps: each request's tokens after its first,
+    over the time at least one request was between its first and its last token (the union of those
+    intervals, so prefills and adapter loads between sequential requests are left out, and a prefill that
+    runs while other requests decode is counted against decode)."""
     limits = SchedulerLimits(max_running=concurrency, max_waiting=len(prompts) + 1,
                              max_len=len(prompts[0]) + new_tokens + 1 + extra_len, max_adapters_per_batch=concurrency)
     sched = Scheduler(base, limits, threading.Lock(), threads=threads)
     done = threading.Semaphore(0)
     counts = [0] * len(prompts)
+    first: list[float | None] = [None] * len(prompts)
+    last: list[float | None] = [None] * len(prompts)
 
     def emitter(i):
         def emit(item):
             if isinstance(item, BaseException):
                 raise item
+            now = time.perf_counter()
             counts[i] += 1
+            first[i] = now if first[i] is None else first[i]
+            last[i] = now
             if item.finish_reason is not None:
                 done.release()
         return emit
@@ -122,7 +133,21 @@ def run_engine(base, prompts, adapters: list[LoadedAdapter | None], concurrency:
     elapsed = time.perf_counter() - started
     sched.stop()
     assert all(c == new_tokens for c in counts), counts
-    return {"tokens": sum(counts), "seconds": elapsed, "tokens_per_s": sum(counts) / elapsed}
+    decode_s = union_seconds(list(zip(first, last)))
+    decode_tokens = sum(c - 1 for c in counts)
+    return {"tokens": sum(counts), "seconds": elapsed, "tokens_per_s": sum(counts) / elapsed,
+            "decode_seconds": decode_s, "decode_tokens_per_s": decode_tokens / decode_s if decode_s else None}
+
+
+def union_seconds(intervals: list[tuple[float, float]]) -> float:
+    """The length of the union of [start, end] intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end <= reach:
+            continue
+        total += end - max(start, reach)
+        reach = end
+    return total
 
 
 def run_peft_batched(model, prompts, names: list[str], concurrency: int, new_tokens: int) -> dict:

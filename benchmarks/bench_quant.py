@@ -8,7 +8,9 @@ slows another's), one after the other, with the same prompts, adapters and text:
   of `--block` tokens from each, teacher-forced) and greedy next-token agreement with the fp32 base
   (argmax at every position equal to fp32's);
 - generation tokens/s (`--prompt-tokens` prompt, `--new-tokens` new, eos ignored) at batch 1 and at
-  batch 8, each row on its own rank-16 adapter (8 distinct adapters mixed), and batch 8 base only;
+  batch 8, each row on its own rank-16 adapter (8 distinct adapters mixed), and batch 8 base only, twice:
+  `tokens_per_s` over the whole run (prefills, adapter loads and start-up included) and
+  `decode_tokens_per_s` over decode steps only (bench_multi_adapter.run_engine says how);
 - `--sentiment`: the minilm-l6 sentiment example adapter's accuracy on its held-out rows on the fp32
   and the int8 encoder base.
 Ratios against the fp32 and the bf16 rows are printed; the JSON goes to benchmarks/results/.
@@ -61,6 +63,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sentiment", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--kernels", action="store_true", help="only the kernel sweep over SmolLM2's matrix shapes")
     p.add_argument("--kernel-rows", default="1,8,64", help="--kernels: comma list of row counts")
+    p.add_argument("--tag", default="", help="appended to the results file's name (quant_<date>_<tag>.json)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--scratch", help=argparse.SUPPRESS)
     p.add_argument("--cache-dir", default=os.environ.get("LORAPLEX_CACHE", str(Path.home() / ".cache" / "loraplex")))
@@ -125,10 +128,11 @@ def speed(args, base) -> dict:
     mixed = [adapters[i % ADAPTERS] for i in range(len(prompts))]
     settings = {"batch1_mixed": (1, mixed), "batch8_base": (8, [None] * len(prompts)), "batch8_mixed": (8, mixed)}
     run_engine(base, prompts[:2], mixed[:2], 2, 4, args.threads)  # warm-up: first slot loads, first kernels
-    out = {}
+    out: dict = {"tokens_per_s": {}, "decode_tokens_per_s": {}}
     for name, (concurrency, rows) in settings.items():
         runs = [run_engine(base, prompts, rows, concurrency, args.new_tokens, args.threads) for _ in range(args.rounds)]
-        out[name] = round(max(r["tokens_per_s"] for r in runs), 2)
+        for key in out:
+            out[key][name] = round(max(r[key] for r in runs), 2)
     return out
 
 
@@ -167,7 +171,7 @@ def worker(args) -> None:
         # thread's ops slow down many times over (server/engine/worker.py says why)
         ppl, argmax = quality(base, text_blocks(base.tokenizer, args.block, args.ppl_blocks))
         torch.set_num_threads(1)  # the scheduler thread gets args.threads
-        result["tokens_per_s"] = speed(args, base)
+        result.update(speed(args, base))
         result["perplexity"] = round(ppl, 4)
         reference = scratch / "argmax-none.pt"
         if args.worker == "none":
@@ -193,14 +197,18 @@ def ratios(results: dict) -> dict:
     out = {}
     fp32, bf16 = results.get("none"), results.get("bf16")
     for mode, r in results.items():
-        speed_ = r["tokens_per_s"]
-        row = {"mixed_over_base_batch8": round(speed_["batch8_mixed"] / speed_["batch8_base"], 3)}
+        row = {}
         if fp32:
             row["weight_bytes_over_fp32"] = round(r["weight_bytes"] / fp32["weight_bytes"], 3)
             row["perplexity_change"] = round(r["perplexity"] / fp32["perplexity"] - 1, 4)
-        if bf16:
-            for key in ("batch1_mixed", "batch8_mixed"):
-                row[f"{key}_over_bf16"] = round(speed_[key] / bf16["tokens_per_s"][key], 3)
+        for measure, prefix in (("tokens_per_s", ""), ("decode_tokens_per_s", "decode_")):
+            speed_ = r.get(measure)
+            if not speed_:
+                continue
+            row[f"{prefix}mixed_over_base_batch8"] = round(speed_["batch8_mixed"] / speed_["batch8_base"], 3)
+            if bf16:
+                for key in ("batch1_mixed", "batch8_mixed"):
+                    row[f"{prefix}{key}_over_bf16"] = round(speed_[key] / bf16[measure][key], 3)
         out[mode] = row
     return out
 
@@ -278,13 +286,13 @@ def main() -> None:
         if args.sentiment:
             for mode in ("none", "int8"):
                 sentiment[mode] = run_worker(args, f"sentiment-{mode}", Path(tmp))
-    summary = {"base": args.base, "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "scratch")},
+    summary = {"base": args.base, "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "scratch", "tag")},
                "results": results, "ratios": ratios(results), "sentiment": sentiment,
                "torch": torch.__version__, "threads": args.threads}
     if sentiment:
         summary["sentiment_accuracy_delta_int8"] = round(sentiment["int8"]["accuracy"] - sentiment["none"]["accuracy"], 4)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"quant_{date.today().isoformat()}.json"
+    out = RESULTS / f"quant_{date.today().isoformat()}{'_' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({"ratios": summary["ratios"], "sentiment": summary.get("sentiment_accuracy_delta_int8")}))
     print(f"written to {out}")
