@@ -23,7 +23,6 @@ import datetime
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_llamacpp import free_port  # noqa: E402
 from bench_multi_adapter import make_peft_adapters, make_prompts  # noqa: E402
 
 STARTUP_TIMEOUT_S = 600
@@ -57,12 +57,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--tag", default="", help="appended to the results file's name (ray_<date>_<tag>.json)")
     p.add_argument("--cache-dir", default=os.environ.get("LORAPLEX_CACHE", str(Path.home() / ".cache" / "loraplex")))
     return p.parse_args()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -274,19 +274,22 @@ class AdapterRegistry:
     # -- admin -----------------------------------------------------------------------------------
 
     def add(self, name: str, path: str | Path, *, replace: bool = False, pinned: bool = False,
-            startup: bool = False) -> LoadedAdapter:
+            startup: bool = False, version: int | None = None) -> LoadedAdapter:
         """Read, validate and load an adapter folder under `name`. Raises AdapterError on bad input.
         A runtime add (`startup=False`) must pass the limits' path check and, with `persist`, is copied
-        into the state dir and journaled before it is served and this returns."""
+        into the state dir and journaled before it is served and this returns. `version`: the number to
+        give it instead of this registry's next one (a Ray replica serves the cluster catalog's numbers)."""
         self.check_name(name)
         source = Path(path).expanduser()
         if not startup:
             source = self.limits.check_path(source)
         self.limits.check_size(source)
         with self._changing(name):
-            return self._add(name, source, replace, pinned, persist=not startup and self.persist is not None)
+            return self._add(name, source, replace, pinned, persist=not startup and self.persist is not None,
+                             version=version)
 
-    def _add(self, name: str, source: Path, replace: bool, pinned: bool, persist: bool) -> LoadedAdapter:
+    def _add(self, name: str, source: Path, replace: bool, pinned: bool, persist: bool,
+             version: int | None = None) -> LoadedAdapter:
         with self._lock:
             current = self._entries.get(name)
             if current is not None and not replace:
@@ -302,7 +305,7 @@ class AdapterRegistry:
             serve_from = source
             if persist and digest:
                 serve_from, staged = self.persist.stage(source, digest, self.reader.digest), digest
-            loaded = self._read(name, serve_from, next(self._versions), pinned)
+            loaded = self._read(name, serve_from, next(self._versions) if version is None else version, pinned)
             self.limits.check_rank(name, loaded.rank)
             if persist:  # the commit point: from here the add is acknowledged, and survives a restart
                 self.persist.commit(PersistedAdapter(name, digest, pinned, loaded.version, str(source)))

@@ -89,6 +89,19 @@ def _validation_param(exc: RequestValidationError) -> str | None:
     return None
 
 
+def adapter_error(exc: Exception) -> ApiError | None:
+    """The answer to an adapter registry's exception (None: not one of them); the Ray catalog gives the same."""
+    if isinstance(exc, UnknownAdapterError):
+        return ApiError(404, f"The model `{exc.args[0]}` does not exist.", "not_found_error")
+    if isinstance(exc, (AdapterNotReadyError, AdapterExistsError)):
+        return ApiError(409, str(exc), "conflict_error")
+    if isinstance(exc, RegistryFullError):
+        return ApiError(507, str(exc), "capacity_error")
+    if isinstance(exc, AdapterError):
+        return ApiError(400, str(exc), "invalid_adapter_error")
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -99,24 +112,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(400, _validation_message(exc), "invalid_request_error", param=_validation_param(exc))
 
     @app.exception_handler(UnknownAdapterError)
-    async def _unknown(_: Request, exc: UnknownAdapterError) -> JSONResponse:
-        return error_response(404, f"The model `{exc.args[0]}` does not exist.", "not_found_error")
-
     @app.exception_handler(AdapterNotReadyError)
-    async def _not_ready(_: Request, exc: AdapterNotReadyError) -> JSONResponse:
-        return error_response(409, str(exc), "conflict_error")
-
     @app.exception_handler(AdapterExistsError)
-    async def _exists(_: Request, exc: AdapterExistsError) -> JSONResponse:
-        return error_response(409, str(exc), "conflict_error")
-
     @app.exception_handler(RegistryFullError)
-    async def _full(_: Request, exc: RegistryFullError) -> JSONResponse:
-        return error_response(507, str(exc), "capacity_error")
-
     @app.exception_handler(AdapterError)
-    async def _adapter(_: Request, exc: AdapterError) -> JSONResponse:
-        return error_response(400, str(exc), "invalid_adapter_error")
+    async def _adapter(_: Request, exc: Exception) -> JSONResponse:
+        error = adapter_error(exc)
+        return error_response(error.status, error.message, error.kind)
 
     @app.exception_handler(QueueFullError)
     @app.exception_handler(EngineStopped)

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from typing import AsyncIterator, Iterable
 
 from starlette.types import ASGIApp, Message
 
+from server.api.errors import error_response
 from server.ray.wire import ForwardedRequest, ResponseStart
 
 log = logging.getLogger(__name__)
@@ -96,8 +96,7 @@ async def _settle(task: asyncio.Task) -> None:
 
 def error_pieces(status: int, message: str, kind: str,
                  extra_headers: Iterable[tuple[bytes, bytes]] = ()) -> list[ResponseStart | bytes]:
-    """An answer in the single server's error shape (server/api/errors.py), for what a replica refuses before
+    """The single server's error answer (server/api/errors.py) as pieces, for what a replica refuses before
     its app sees the request."""
-    body = json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
-    headers = ((b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()))
-    return [ResponseStart(status, headers + tuple(extra_headers)), body]
+    response = error_response(status, message, kind)
+    return [ResponseStart(status, tuple(response.raw_headers) + tuple(extra_headers)), bytes(response.body)]

@@ -28,6 +28,7 @@ from typing import Iterable, Mapping, Protocol
 
 from adapters import AdapterError, folder_digest, read_adapter_folder, validate_adapter_name
 from server.adapter_limits import AdapterLimits
+from server.api.errors import adapter_error
 from server.persist import PersistedAdapter, RuntimeAdapters
 from server.ray.wire import AdminFailure, CatalogEntry, StagedAdapter, Validated
 from server.registry import AdapterExistsError, RegistryFullError, UnknownAdapterError
@@ -47,15 +48,10 @@ class EngineControl(Protocol):
 
 def failure_of(exc: Exception) -> AdminFailure:
     """The answer the single server's error handlers (server/api/errors.py) give for the same exception."""
-    if isinstance(exc, AdapterExistsError):
-        return AdminFailure(409, str(exc), "conflict_error")
-    if isinstance(exc, RegistryFullError):
-        return AdminFailure(507, str(exc), "capacity_error")
-    if isinstance(exc, UnknownAdapterError):
-        return AdminFailure(404, f"The model `{exc.args[0]}` does not exist.", "not_found_error")
-    if isinstance(exc, AdapterError):
-        return AdminFailure(400, str(exc), "invalid_adapter_error")
-    raise TypeError(f"no admin answer for {type(exc).__name__}") from exc
+    error = adapter_error(exc)
+    if error is None:
+        raise TypeError(f"no admin answer for {type(exc).__name__}") from exc
+    return AdminFailure(error.status, error.message, error.kind)
 
 
 def busy(name: str) -> AdminFailure:

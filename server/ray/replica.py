@@ -88,7 +88,7 @@ class Replica:
         registry = self.state.registry
         try:
             registry.check_name(staged.name)
-            loaded = self.adapters.reader.inner.read(staged.name, Path(staged.path), staged.version, staged.pinned)
+            loaded = registry.reader.read(staged.name, Path(staged.path), staged.version, staged.pinned)
             registry.limits.check_rank(staged.name, loaded.rank)
         except AdapterError as exc:
             return failure_of(exc)

@@ -14,9 +14,8 @@ It waits while any request is between its `ensure` and its end (`using`): droppi
 404 a request that was routed to this version. Requests already admitted hold their LoadedAdapter and finish
 on it whatever happens to the entry (the registry's rule).
 
-Versions: the registry numbers what it loads itself; ClusterVersionReader, put in as its reader, makes it use
-the catalog's number instead, so x-loraplex-adapter-version and the admin API speak of the same versions on
-every replica.
+Versions: each load is given the catalog's number (`AdapterRegistry.add(version=...)`), so
+x-loraplex-adapter-version and the admin API speak of the same versions on every replica.
 """
 
 from __future__ import annotations
@@ -29,31 +28,13 @@ from pathlib import Path
 from typing import AsyncIterator, Callable, Iterable, Mapping
 
 from adapters import AdapterError
-from server.engine.loaded import LoadedAdapter
 from server.ray.wire import CatalogEntry
-from server.registry import AdapterReader, AdapterRegistry, UnknownAdapterError
+from server.registry import AdapterRegistry, UnknownAdapterError
 
 log = logging.getLogger(__name__)
 
 class AdapterLoadFailed(Exception):
     """The replica could not load a catalog entry (its file changed, the shared store is not mounted here...)."""
-
-
-class ClusterVersionReader:
-    """The registry's reader, numbering each load with the catalog's version (`expect`) instead of its own."""
-
-    def __init__(self, inner: AdapterReader) -> None:
-        self.inner = inner
-        self._expected: dict[str, int] = {}
-
-    def expect(self, name: str, version: int) -> None:
-        self._expected[name] = version
-
-    def read(self, name: str, source: Path, version: int, pinned: bool) -> LoadedAdapter:
-        return self.inner.read(name, source, self._expected.pop(name, version), pinned)
-
-    def digest(self, source: Path) -> str:
-        return self.inner.digest(source)
 
 
 class MuxToken:
@@ -77,8 +58,6 @@ class MuxToken:
 class ReplicaAdapters:
     def __init__(self, registry: AdapterRegistry) -> None:
         self.registry = registry
-        self.reader = ClusterVersionReader(registry.reader)
-        registry.reader = self.reader  # the registry reads every folder through it from here on
         self.held: dict[str, CatalogEntry] = {}  # what the registry holds, as the catalog described it
         self.loads: collections.Counter[str] = collections.Counter()  # folder reads per adapter (metrics)
         self._locks: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
@@ -174,10 +153,10 @@ class ReplicaAdapters:
     # -- registry work (threads) -----------------------------------------------------------------
 
     def _load(self, entry: CatalogEntry) -> None:
-        if self.reader.digest(Path(entry.path)) != entry.digest:
+        if self.registry.reader.digest(Path(entry.path)) != entry.digest:
             raise AdapterError("its files changed since it was added; add it again")
-        self.reader.expect(entry.name, entry.version)
-        self.registry.add(entry.name, entry.path, replace=True, pinned=entry.pinned, startup=True)
+        self.registry.add(entry.name, entry.path, replace=True, pinned=entry.pinned, startup=True,
+                          version=entry.version)
         self.held[entry.name] = entry
         self.loads[entry.name] += 1
         log.info("adapter %s v%d loaded from %s", entry.name, entry.version, entry.path)

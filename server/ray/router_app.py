@@ -32,6 +32,7 @@ from server.api.schemas import (
 from server.api.state import CHALLENGE, Authorization, require_api_key
 from server.auth import bearer_matches, load_api_keys, secret_bytes
 from server.config import ServerConfig
+from server.ray.bridge import HOP_BY_HOP
 from server.ray.routing import MODEL_ROUTES, adapter_names, model_of
 from server.ray.wire import (
     AdminFailure, Backpressure, BaseCard, CatalogEntry, ForwardedRequest, ReplicaInfo, ReplicaLost, ResponseStart,
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 
 FORWARDED_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 KEYED_ROUTES = MODEL_ROUTES  # the inference routes, checked here before anything is routed or loaded
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "te", "upgrade", "proxy-connection"})
 
 
 class Cluster(Protocol):
@@ -158,8 +158,7 @@ async def _forward(request: Request, cluster: Cluster, base_card) -> Response:
     except StopAsyncIteration:
         log.error("a replica ended %s %s without an answer", request.method, path)
         return error_response(500, "internal server error", "server_error")
-    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start.headers
-               if k.decode("latin-1").lower() not in HOP_BY_HOP}
+    headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in start.headers if k.lower() not in HOP_BY_HOP}
     streamed = headers.get("content-type", "").startswith("text/event-stream")
     return StreamingResponse(_rest(pieces, streamed), status_code=start.status, headers=headers)
 

@@ -8,7 +8,6 @@ fewest models, as Ray's router prefers), and a test may pin requests to a replic
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import AsyncIterator
 import pytest
 import uvicorn
 
+from loadtest.serve import free_port
 from server.adapter_limits import AdapterLimits
 from server.config import ServerConfig
 from server.persist import RuntimeAdapters
@@ -106,12 +106,6 @@ def local_ingress(config: ServerConfig, cluster: LocalCluster):
 
     app.router.lifespan_context = lifespan
     return app
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager

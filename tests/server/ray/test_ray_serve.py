@@ -27,7 +27,7 @@ from server.api.routes_generate import VERSION_HEADER  # noqa: E402
 from tests.server.ray.processes import (  # noqa: E402
     SERVER_BIN, adapters_loaded, quiet_env, replica_metrics, running,
 )
-from tests.server.ray.conftest import free_port  # noqa: E402
+from loadtest.serve import free_port  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
