@@ -94,7 +94,9 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     if seq > 1 and rep > 1:
         mask = mask[:, :, None].expand(batch, 1, rep, seq, keys).reshape(batch, 1, rep * seq, keys)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # [B, KVH, rep * S, d]
-    return out.view(batch, heads, seq, dim).transpose(1, 2).reshape(batch, seq, heads * dim)
+    # Only split and permute (views for any strides), then one reshape: CUDA's fused kernels return `out`
+    # in a transposed memory layout, on which merging KVH and rep with `.view` fails.
+    return out.unflatten(2, (rep, seq)).permute(0, 3, 1, 2, 4).reshape(batch, seq, heads * dim)
 
 
 class LlamaDecoder:

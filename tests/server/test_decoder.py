@@ -56,3 +56,43 @@ def test_other_architectures_take_the_hf_backbone(tiny_bert_base):
     from server.engine.decoder import make_decoder
 
     assert isinstance(make_decoder(tiny_bert_base.model), HFDecoder)
+
+
+def _cuda_layout(sdpa):
+    """SDPA with its output in the transposed memory layout CUDA's fused kernels return: same values,
+    strides of a [B, S, heads, d] tensor."""
+    def attention(*args, **kwargs):
+        out = sdpa(*args, **kwargs)
+        return out.transpose(1, 2).contiguous().transpose(1, 2)
+    return attention
+
+
+@pytest.mark.parametrize("heads,kv_heads,seq", [(9, 3, 1), (9, 3, 4), (4, 4, 2)])
+def test_grouped_attention_takes_transposed_attention_outputs(monkeypatch, heads, kv_heads, seq):
+    gen = torch.Generator().manual_seed(seq)
+    q = torch.randn(2, heads, seq, 8, generator=gen)
+    k, v = (torch.randn(2, kv_heads, 5, 8, generator=gen) for _ in range(2))
+    mask = torch.zeros(2, 1, seq, 5)
+    expected = grouped_attention(q, k, v, mask, 0.3)
+    monkeypatch.setattr("server.engine.decoder.F.scaled_dot_product_attention",
+                        _cuda_layout(F.scaled_dot_product_attention))
+    torch.testing.assert_close(grouped_attention(q, k, v, mask, 0.3), expected, atol=0, rtol=0)
+
+
+def test_lean_forward_with_cuda_layout_attention_equals_the_reference(monkeypatch, tiny_llama_base, tiny_adapters):
+    """The engine's step on a grouped-KV base when attention answers in CUDA's layout (it used to raise
+    'view size is not compatible with input tensor's size and stride' on every request)."""
+    base = tiny_llama_base
+    assert base.model.config.num_key_value_heads < base.model.config.num_attention_heads
+    reference = BatchRunner(base, 2, 32, lean=False)
+    lean = BatchRunner(base, 2, 32)
+    alpha = load_adapter("a", 1, read_adapter_folder(next(iter(tiny_adapters.values()))), CPU_FP32.device,
+                         CPU_FP32.dtype)
+    prompt = base.tokenizer("Once upon a time there")["input_ids"]
+    steps = [[RowInput(0, 0, prompt, alpha), RowInput(1, 0, prompt[:3], None)],
+             [RowInput(0, len(prompt), [42], alpha), RowInput(1, 3, [7], None)]]
+    expected = [reference.forward(rows) for rows in steps]
+    monkeypatch.setattr("server.engine.decoder.F.scaled_dot_product_attention",
+                        _cuda_layout(F.scaled_dot_product_attention))
+    for rows, want in zip(steps, expected):
+        torch.testing.assert_close(lean.forward(rows), want, atol=1e-5, rtol=1e-5)
