@@ -4,8 +4,11 @@ With one hot adapter, a merged base runs at base-only speed (no LoRA matmuls at 
 runs only requests of the merged adapter while any are running, and swaps (unmerge the old, merge the
 new) when the batch has drained and the next request wants another adapter. With several hot adapters
 this loses to the mixed batch (S-LoRA's measurement): it is a mode, not the default.
-LoRA deltas are subtracted again on a swap; IA3 and freeze layers get back a copy of their weights
-taken before the merge (dividing a vector out is not exact; a freeze adapter replaces weights).
+Every layer the merged adapter changes gets back, on a swap, a copy of its weights taken before the
+merge: subtracting a LoRA delta again is not exact (in bfloat16 each merge/unmerge pair moved the base by
+up to one rounding step, so a long-lived server's base drifted swap by swap), dividing an IA3 vector out
+is not exact either, and a freeze adapter replaces weights. The copies live in host memory (on a GPU
+they would take device memory for as long as the adapter is merged) and are one adapter's layers at most.
 A per-request combination of adapters is not served here (the routes answer 400): merged, every request
 would be its own swap. `training merge` makes one folder of a combination, which merges like any other.
 """
@@ -16,7 +19,7 @@ import logging
 
 import torch
 
-from adapters.merge import ia3_merge_into, merge_into, unmerge_from
+from adapters.merge import ia3_merge_into, merge_into
 from server.engine.base_model import BaseModel
 from server.engine.loaded import Combination, LoadedAdapter
 
@@ -28,7 +31,7 @@ class Merger:
         self.base = base
         self.merged: LoadedAdapter | None = None
         self.swaps = 0
-        self._saved: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # IA3 / freeze layers' weights, bias
+        self._saved: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}  # merged layers' weight, bias, on the host
 
     @torch.inference_mode()
     def switch_to(self, adapter: LoadedAdapter | None) -> None:
@@ -38,7 +41,7 @@ class Merger:
         if adapter is self.merged:
             return
         if self.merged is not None:
-            self._unmerge(self.merged)
+            self._restore()
         if adapter is not None:
             self._merge(adapter)
         log.info("merged adapter: %s -> %s", getattr(self.merged, "name", None), getattr(adapter, "name", None))
@@ -47,7 +50,7 @@ class Merger:
 
     def _merge(self, adapter: LoadedAdapter) -> None:
         for module, weights in adapter.lora.items():
-            layer = self.base.model.get_submodule(module)
+            layer = self._save(module)
             merge_into(layer.base.weight, weights)
             layer.repack()
         for module, scale in adapter.ia3.items():
@@ -62,17 +65,16 @@ class Merger:
             layer.repack()
 
     def _save(self, module: str):
-        """The wrapped layer, after keeping a copy of its weight and bias for the unmerge."""
+        """The wrapped layer, after keeping a host copy of its weight and bias for the unmerge (once per
+        merge: a layer that two of the adapter's methods touch keeps its original)."""
         layer = self.base.model.get_submodule(module)
-        bias = layer.base.bias
-        self._saved[module] = (layer.base.weight.clone(), None if bias is None else bias.clone())
+        if module not in self._saved:
+            bias = layer.base.bias
+            self._saved[module] = (_host_copy(layer.base.weight), None if bias is None else _host_copy(bias))
         return layer
 
-    def _unmerge(self, adapter: LoadedAdapter) -> None:
-        for module, weights in adapter.lora.items():
-            layer = self.base.model.get_submodule(module)
-            unmerge_from(layer.base.weight, weights)
-            layer.repack()
+    def _restore(self) -> None:
+        """Every layer the merged adapter changed gets its saved weights back, bit for bit."""
         for module, (weight, bias) in self._saved.items():
             layer = self.base.model.get_submodule(module)
             layer.base.weight.copy_(weight)
@@ -80,3 +82,9 @@ class Merger:
                 layer.base.bias.copy_(bias)
             layer.repack()
         self._saved = {}
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in host memory (pinned when a GPU will copy it back)."""
+    copy = tensor.detach().to("cpu", copy=True)
+    return copy.pin_memory() if tensor.device.type == "cuda" else copy
