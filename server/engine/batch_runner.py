@@ -14,6 +14,7 @@ import torch
 
 from server.engine.base_model import BaseModel
 from server.engine.decoder import make_decoder
+from server.engine.host import upload
 from server.engine.kv_cache import SlotKVCache
 from server.engine.loaded import LoadedAdapter
 
@@ -35,6 +36,22 @@ class RowInput:
 class StepLogits:
     last: torch.Tensor  # [B, vocab]: at each row's last new token
     every: dict[int, torch.Tensor]  # row index -> [len(tokens), vocab], for the rows with `every_position`
+
+
+@dataclass(frozen=True)
+class _StepTensors:
+    input_ids: torch.Tensor  # [B, S], right-padded
+    slots: torch.Tensor  # [B]
+    starts: torch.Tensor  # [B]
+    lengths: torch.Tensor  # [B]: real new tokens per row
+
+
+def _step_tensors(rows: list[RowInput], query_len: int, pad: int, device: torch.device) -> _StepTensors:
+    """The step's token ids and row indices, built as ONE host tensor and sent in one copy (host.upload):
+    a tensor per list would be a host-to-device copy and a sync each."""
+    step = upload(torch.tensor([r.tokens + [pad] * (query_len - len(r.tokens)) + [r.slot, r.start, len(r.tokens)]
+                                for r in rows]), device)
+    return _StepTensors(step[:, :query_len], *step.unbind(1)[query_len:])
 
 
 class BatchRunner:
@@ -61,13 +78,12 @@ class BatchRunner:
         """-> logits at each row's last new token, and at all of them for the rows that ask."""
         device = self.base.backend.device
         query_len = max(len(r.tokens) for r in rows)
-        pad = self.base.tokenizer.pad_token_id or 0
-        input_ids = torch.tensor([r.tokens + [pad] * (query_len - len(r.tokens)) for r in rows], device=device)
-        starts = torch.tensor([r.start for r in rows], device=device)
-        slots = torch.tensor([r.slot for r in rows], device=device)
-        lengths = torch.tensor([len(r.tokens) for r in rows], device=device)
-        kv_len = self.cache.bind(slots, starts, query_len, lengths)
-        positions = starts[:, None] + torch.arange(query_len, device=device)  # [B, S]
+        step = _step_tensors(rows, query_len, self.base.tokenizer.pad_token_id or 0, device)
+        kv_len = max(r.start + len(r.tokens) for r in rows)
+        full = all(len(r.tokens) == query_len for r in rows)
+        in_order = all(r.slot == i for i, r in enumerate(rows))
+        self.cache.bind(step.slots, step.starts, query_len, kv_len, None if full else step.lengths, in_order)
+        positions = step.starts[:, None] + torch.arange(query_len, device=device)  # [B, S]
         keys = torch.arange(kv_len, device=device)
         visible = keys[None, None, :] <= positions[:, :, None]  # [B, S, L]
         mask = torch.zeros(visible.shape, dtype=self.base.backend.dtype, device=device)
@@ -75,9 +91,8 @@ class BatchRunner:
         embeds = self._prompt_learning(rows)
         layer_rows = [r.adapter if r.adapter is not None and r.adapter.in_layers else None for r in rows]
         with self.base.adapters_for_rows(layer_rows):
-            hidden = self.decoder(input_ids, positions, mask, self.cache, embeds)  # [B, S, hidden]
-            last = torch.tensor([len(r.tokens) - 1 for r in rows], device=device)
-            final = hidden[torch.arange(len(rows), device=device), last]  # [B, hidden]
+            hidden = self.decoder(step.input_ids, positions, mask, self.cache, embeds)  # [B, S, hidden]
+            final = hidden[:, -1] if full else hidden[torch.arange(len(rows), device=device), step.lengths - 1]
             logits = self.lm_head(final[:, None]).squeeze(1)  # [B, vocab]
         every = {}
         for index, row in enumerate(rows):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from adapters.dense import DenseWeights
+from server.engine.host import upload
 from server.engine.loaded import LoadedAdapter
 
 
@@ -23,7 +24,7 @@ class DenseRows:
         self.on = bool(distinct)
         self.by_module = {}
         for adapter in distinct.values():
-            index = torch.tensor([i for i, a in enumerate(rows) if a is adapter], device=device)
+            index = upload(torch.tensor([i for i, a in enumerate(rows) if a is adapter]), device)
             for module, weights in adapter.dense.items():
                 self.by_module.setdefault(module, []).append((weights, index))
 

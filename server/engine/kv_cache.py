@@ -32,28 +32,24 @@ class SlotKVCache:
     def bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def bind(self, slots: torch.Tensor, starts: torch.Tensor, query_len: int,
-             lengths: torch.Tensor | None = None) -> int:
-        """slots, starts, lengths: [B]. Row b writes its `lengths[b]` new tokens (default: all `query_len`) at
-        positions starts[b] .. of slot slots[b], its padding to the scratch slot.
-        Returns the key length L every row attends over (the furthest real end position)."""
-        self._slots = slots
+    def bind(self, slots: torch.Tensor, starts: torch.Tensor, query_len: int, kv_len: int,
+             lengths: torch.Tensor | None = None, in_order: bool = False) -> None:
+        """slots, starts, lengths: [B] on the cache's device. Row b writes its `lengths[b]` new tokens (None:
+        every row all `query_len`) at positions starts[b] .. of slot slots[b], its padding to the scratch
+        slot. `kv_len`, the key length every row attends over (the furthest real end position), and
+        `in_order` (the rows are slots 0 .. B-1) come from the caller's host-side lists: reading them off
+        device tensors would cost a host sync per step."""
+        if kv_len > self.max_len:
+            raise ValueError(f"sequence of {kv_len} tokens exceeds the KV cache length {self.max_len}")
+        self._slots, self._kv_len, self._contiguous = slots, kv_len, in_order
         steps = torch.arange(query_len, device=starts.device)
         positions = starts[:, None] + steps  # [B, S]
-        if lengths is None or bool((lengths == query_len).all()):
+        if lengths is None:
             self._write_slots, self._write_pos = slots[:, None], positions
-            self._kv_len = int((starts.max() + query_len).item())
         else:
             padding = steps[None, :] >= lengths[:, None]
             self._write_slots = torch.where(padding, self.num_slots, slots[:, None])
             self._write_pos = torch.where(padding, 0, positions)
-            self._kv_len = int((starts + lengths).max().item())
-        if self._kv_len > self.max_len:
-            raise ValueError(f"sequence of {self._kv_len} tokens exceeds the KV cache length {self.max_len}")
-        # Rows in slots 0..B-1, in order: read a view of the cache instead of gathering a copy.
-        batch = slots.shape[0]
-        self._contiguous = bool(torch.equal(slots, torch.arange(batch, device=slots.device)))
-        return self._kv_len
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
         """key, value: [B, kv_heads, S, head_dim] -> the full [B, kv_heads, L, head_dim] of each row's slot."""
@@ -61,7 +57,7 @@ class SlotKVCache:
         k_cache, v_cache = self.keys[layer_idx], self.values[layer_idx]
         k_cache[write_slots, :, pos] = key.transpose(1, 2)  # indexed view is [B, S, kv_heads, head_dim]
         v_cache[write_slots, :, pos] = value.transpose(1, 2)
-        if self._contiguous:
+        if self._contiguous:  # rows in slots 0..B-1, in order: a view of the cache, not a gathered copy
             batch = slots.shape[0]
             return k_cache[:batch, :, : self._kv_len], v_cache[:batch, :, : self._kv_len]
         return k_cache[slots, :, : self._kv_len], v_cache[slots, :, : self._kv_len]

@@ -11,6 +11,7 @@ from torch import nn
 
 from server.engine.backend import LinearFn, PackFn, no_pack
 from server.engine.dense_rows import DenseRows
+from server.engine.host import upload
 from server.engine.ia3_rows import IA3Rows
 from server.engine.loaded import LoadedAdapter, RowModel
 from server.engine.lora_rows import RowWeights
@@ -102,13 +103,13 @@ class ActiveAdapters:
         else:
             column = {slot: i for i, slot in enumerate(batch_slots)}
             self.width = len(batch_slots) * rank
-            self.gather = torch.tensor([s * rank + j for s in batch_slots for j in range(rank)], device=device)
-        mask = torch.zeros(len(rows), self.width, dtype=self.slots.dtype, device=device)
+            self.gather = upload(torch.tensor([s * rank + j for s in batch_slots for j in range(rank)]), device)
+        mask = torch.zeros(len(rows), self.width, dtype=self.slots.dtype)  # built on the host, sent once
         for row, model in enumerate(rows):
             for adapter, weight in model.lora_parts if model is not None else ():
                 block = column[slot_of[id(adapter)]]
                 mask[row, block * rank:(block + 1) * rank] += weight  # 1 for a plain adapter row
-        self.row_mask = mask  # [B, width]: decode steps have one token per row
+        self.row_mask = upload(mask, device)  # [B, width]: decode steps have one token per row
         layout = (self.slots.generation, self.width, tuple(batch_slots) if self.gather is not None else None)
         if layout != self._layout:
             self._views, self._layout = {}, layout
