@@ -111,7 +111,8 @@ class TorchAdapterReader:
             raise AdapterError(f"completion adapter {name!r} needs a causal LM base; this base is an encoder")
         if folder.task == "embedding" and self.base.can_generate:
             raise AdapterError(f"embedding adapter {name!r} needs an encoder base; this base is a causal LM")
-        return load_adapter(name, version, folder, self.base.backend.device, self.base.backend.dtype, pinned=pinned)
+        return load_adapter(name, version, folder, self.base.backend.device, self.base.backend.dtype, pinned=pinned,
+                            lora_home=self.base.lora_home)
 
     def digest(self, source: Path) -> str:
         return folder_digest(source)

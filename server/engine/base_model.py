@@ -54,6 +54,14 @@ class BaseModel:
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     @property
+    def lora_home(self) -> torch.device:
+        """Where loaded adapters keep their LoRA weights (the memory tier): host memory when the device
+        slots (LoraSlots) are on a GPU, so the tier's adapters cost no device memory, and only slots do;
+        the serving device otherwise (on CPU they are the same memory; the loop reference reads them)."""
+        device = self.backend.device
+        return torch.device("cpu") if device.type != "cpu" and self.active.slots is not None else device
+
+    @property
     def context_length(self) -> int:
         return int(getattr(self.model.config, "max_position_embeddings", 512))
 

@@ -120,12 +120,13 @@ RowModel = LoadedAdapter | Combination  # what one batch row runs with (None: th
 
 
 def load_adapter(name: str, version: int, folder: AdapterFolder, device: torch.device, dtype: torch.dtype,
-                 pinned: bool = False) -> LoadedAdapter:
-    """Move a validated adapter's tensors to the serving device/dtype and build its head, if any."""
-    lora = {
-        module: LoraWeights(a=w.a.to(device=device, dtype=dtype), b=w.b.to(device=device, dtype=dtype), scaling=w.scaling)
-        for module, w in folder.lora.items()
-    }
+                 pinned: bool = False, lora_home: torch.device | None = None) -> LoadedAdapter:
+    """Move a validated adapter's tensors to the serving device/dtype and build its head, if any.
+    `lora_home` (default: `device`): where its LoRA weights live; in host memory for a GPU's slots
+    (BaseModel.lora_home), pinned there so that a slot load copies them without waiting."""
+    home = device if lora_home is None else lora_home
+    lora = {module: LoraWeights(a=_at(w.a, home, dtype, device), b=_at(w.b, home, dtype, device), scaling=w.scaling)
+            for module, w in folder.lora.items()}
     ia3 = {module: IA3Scale(vector=s.vector.to(device=device, dtype=dtype), on_input=s.on_input)
            for module, s in folder.ia3.items()}
     dense = {module: DenseWeights(weight=w.weight.to(device=device, dtype=dtype),
@@ -144,6 +145,12 @@ def load_adapter(name: str, version: int, folder: AdapterFolder, device: torch.d
         head=head, metadata={"metrics": folder.manifest.metrics if folder.manifest else {}}, pinned=pinned,
         virtual_tokens=virtual_tokens, prefix=prefix, ia3=ia3, dense=dense,
     )
+
+
+def _at(tensor: torch.Tensor, home: torch.device, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`tensor` in `dtype` on `home`; pinned when home is the host of a GPU device."""
+    moved = tensor.to(device=home, dtype=dtype)
+    return moved.pin_memory() if home.type == "cpu" and device.type == "cuda" else moved
 
 
 def _head(folder: AdapterFolder, device: torch.device, dtype: torch.dtype) -> ClassificationHead:

@@ -55,6 +55,7 @@ class ActiveAdapters:
         self.width = 0
         self.gather: torch.Tensor | None = None  # stack rows of the batch's slots, when not a leading block
         self.batch_slots: set[int] = set()
+        self.slot_of: dict[int, int] = {}  # stacked kernel: id(adapter) -> its slot, for the batch's adapters
         # per-module (a, b) the decode kernel reads, or None where the batch has no weights; valid while
         # the slots' generation and the batch's layout (width, gathered slots) stay the same
         self._views: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
@@ -86,7 +87,7 @@ class ActiveAdapters:
         """Decode reads the batch's slots from the stacks: the leading block of the stacks up to the highest
         slot in the batch when that is at most twice the batch's own blocks, else only the batch's blocks,
         gathered per module (many resident adapters, few of them in this batch)."""
-        slot_of = self.slots.slots_for(adapters)
+        slot_of = self.slot_of = self.slots.slots_for(adapters)
         rank = self.slots.rank
         batch_slots = sorted(set(slot_of.values()))
         self.batch_slots = set(batch_slots)
@@ -138,6 +139,7 @@ class ActiveAdapters:
         self.gather = None
         self.batch_slots = set()
         self.per_row = False
+        self.slot_of = {}
 
     def apply(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out + this module's LoRA delta for every row. x: [B, S, in], out: [B, S, out]."""
@@ -167,14 +169,21 @@ class ActiveAdapters:
 
 
     def _apply_runs(self, name: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Each run's adapters on its rows, read from their slots (the adapters' own weights may be in host
+        memory: BaseModel.lora_home), each at its own rank, not the slots' padded one."""
+        stack = self.slots.stacks.get(name)
+        if stack is None:
+            return out
         out = out.contiguous()  # rows of a contiguous [B, S, out] are views we can add into
         for model, lo, hi in self.runs:
             for adapter, weight in model.lora_parts:
-                weights = adapter.lora.get(name)
+                slot, weights = self.slot_of[id(adapter)], adapter.lora.get(name)
                 if weights is None:
                     continue
-                shrunk = F.linear(x[lo:hi].reshape(-1, x.shape[-1]), weights.a)  # [rows * S, r]
-                out[lo:hi].view(-1, out.shape[-1]).addmm_(shrunk, weights.b.t(), alpha=weights.scaling * weight)
+                first = slot * self.slots.rank
+                a, b = stack.a_cat[first:first + weights.rank], stack.b_cat[first:first + weights.rank]
+                shrunk = F.linear(x[lo:hi].reshape(-1, x.shape[-1]), a)  # [rows * S, r]
+                out[lo:hi].view(-1, out.shape[-1]).addmm_(shrunk, b, alpha=weight)  # b: scaling * B.T
         return out
 
 

@@ -25,9 +25,11 @@ could be served.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import weakref
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -60,6 +62,7 @@ class LoraSlots:
         # in no slot and held by no request goes away, and its entry with it
         self._retired: weakref.WeakSet[LoadedAdapter] = weakref.WeakSet()
         self._retired_lock = threading.Lock()
+        self._copy_stream = None  # torch.cuda.Stream for slot loads, made on the first load on a GPU
 
     def retire(self, adapter: LoadedAdapter) -> None:
         """`adapter` is no longer what its name serves (removed, or replaced by a new version): its slot is
@@ -120,15 +123,32 @@ class LoraSlots:
         if adapter.rank > self.rank:
             self._grow(adapter.rank)
         lo = slot * self.rank
-        for module, weights in adapter.lora.items():
-            stack = self._stack(module)
-            r = weights.rank
-            stack.a_cat[lo:lo + r] = weights.a.to(self.dtype)
-            stack.b_cat[lo:lo + r] = (weights.b.T * weights.scaling).to(self.dtype)
-            stack.slots.add(slot)
+        with self._copies():
+            for module, weights in adapter.lora.items():
+                stack = self._stack(module)
+                r = weights.rank
+                stack.a_cat[lo:lo + r].copy_(weights.a, non_blocking=True)
+                b = stack.b_cat[lo:lo + r].copy_(weights.b.T, non_blocking=True)
+                b.mul_(weights.scaling)
+                stack.slots.add(slot)
         self._adapter_in[slot] = adapter
         self.loads += 1
         return slot
+
+    @contextlib.contextmanager
+    def _copies(self) -> Iterator[None]:
+        """On a GPU: a slot load's copies from (pinned) host memory run on a side stream, and the compute
+        stream waits for them only where its next kernels start, so the host never blocks on a load and
+        queued decode work is not stalled behind it. Elsewhere: plain copies."""
+        if self.device.type != "cuda":
+            yield
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))  # stacks' earlier readers first
+        with torch.cuda.stream(self._copy_stream):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
 
     def _stack(self, module: str) -> _ModuleStack:
         stack = self.stacks.get(module)
