@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from adapters import atomic_directory
-from training.config import RESUME_LATEST, TrainConfig
+from training.config import MACHINE_LOCAL_FIELDS, RESUME_LATEST, TrainConfig
 from training.errors import ConfigError
 
 SUFFIX = ".checkpoints"
@@ -34,7 +34,9 @@ KEEP_LAST = 2  # the newest two: one to fall back on should the newest be damage
 FORMAT_VERSION = 1
 # Fields a resumed run may change: none of them alters the weights' trajectory.
 RESUME_FREE_FIELDS = ("resume", "out", "checkpoint_every", "eval_batch_size")
-FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+# What a field added since a checkpoint was written ran with; machine-local fields (device) are never compared.
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                  if f.default is not dataclasses.MISSING and f.name not in MACHINE_LOCAL_FIELDS}
 
 
 def checkpoint_root(out: Path) -> Path:

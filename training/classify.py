@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from adapters import PreparedBase
 from training.config import TrainConfig
 from training.data import ClassificationExample, Dataset, Split
+from training.device import model_device, to_device
 from training.loop import Validation, train_loop, watched_metric
 from training.metrics import DIGITS, classification_report
 from training.models import default_target_modules, load_sequence_classifier, load_tokenizer, prepare_model
@@ -41,16 +42,18 @@ def predict_with_loss(
 ) -> tuple[list[int], float | None]:
     """Predicted class index per text and, given the true `labels`, the mean cross-entropy over the rows."""
     model.eval()
+    device = model_device(model)
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     predictions = [0] * len(texts)
     total_nll = 0.0
     for start in tqdm(range(0, len(order), batch_size), desc="eval", unit="batch", disable=not progress, leave=False):
         chunk = order[start : start + batch_size]
-        logits = model(**encode_texts(tokenizer, [texts[i] for i in chunk], max_length)).logits  # [B, num_labels]
+        inputs = to_device(encode_texts(tokenizer, [texts[i] for i in chunk], max_length), device)
+        logits = model(**inputs).logits  # [B, num_labels]
         for i, label in zip(chunk, logits.argmax(dim=-1).tolist()):
             predictions[i] = label
         if labels is not None:
-            targets = torch.tensor([labels[i] for i in chunk])
+            targets = torch.tensor([labels[i] for i in chunk], device=device)
             total_nll += torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum").item()
     return predictions, (total_nll / max(len(texts), 1) if labels is not None else None)
 
@@ -69,11 +72,13 @@ def classification_loss(
     tokenizer: PreTrainedTokenizerBase, max_length: int
 ) -> Callable[[nn.Module, list[ClassificationExample]], torch.Tensor]:
     """The training step's loss: tokenize the batch's texts (right-padded, cut at max_length), cross-entropy
-    on the labels. The batch is tokenized inside the step, so step timings (bench_training_speed) include it."""
+    on the labels. The batch is tokenized inside the step, so step timings (bench_training_speed) include it,
+    then moved to the model's device."""
 
     def loss_fn(model: nn.Module, batch: list[ClassificationExample]) -> torch.Tensor:
-        inputs = encode_texts(tokenizer, [e.text for e in batch], max_length)
-        return model(**inputs, labels=torch.tensor([e.label for e in batch])).loss
+        device = model_device(model)
+        inputs = to_device(encode_texts(tokenizer, [e.text for e in batch], max_length), device)
+        return model(**inputs, labels=torch.tensor([e.label for e in batch], device=device)).loss
 
     return loss_fn
 

@@ -4,6 +4,9 @@ errors, exit code 2.
 The METHOD flags are generated from TrainConfig's fields (name, type, help), so the config's help text
 is the CLI's help text; a bool field is a switch (`--gradient-checkpointing` / `--no-gradient-checkpointing`).
 Results go to stdout as JSON; progress bars and warnings go to stderr.
+`--device` (training and eval; auto: cuda where torch sees one) is resolved once by training.device, and a
+device this machine lacks is a one-line error like any other. export and merge compute on the CPU: what they
+write is for CPU runtimes (ONNX Runtime, the server's int8/int4 path) and their parity checks run there.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 from adapters import AdapterError, BaseNotFoundError
 from adapters.manifest import MERGE_METHODS
-from training.config import FALSE_WORDS, METHODS, TRUE_WORDS, TrainConfig
+from training.config import AUTO, FALSE_WORDS, METHODS, TRUE_WORDS, TrainConfig
 from training.errors import TrainingError
 
 USAGE_ERROR = 2  # argparse's own exit code for bad usage; user errors share it
@@ -34,6 +37,11 @@ def _converter(annotation: Any) -> Callable[[str], Any]:
     if args:
         return _converter(args[0])
     return annotation if annotation in (int, float, str, Path) else str
+
+
+def _field_help(name: str) -> str:
+    """TrainConfig's help text of field `name`, for a flag another command shares with training."""
+    return next(f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig) if f.name == name)
 
 
 def _flag(name: str) -> str:
@@ -103,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="validation: the rows training held out; all: every row")
     evaluate.add_argument("--batch-size", type=int, help="rows per evaluation batch")
     evaluate.add_argument("--cache-dir", type=Path, help="where prepared bases are cached")
+    evaluate.add_argument("--device", default=AUTO, help=_field_help("device") + f" (default: {AUTO})")
     evaluate.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     _add_export_parser(commands)
     _add_merge_parser(commands)
@@ -213,7 +222,8 @@ def _evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from training.evaluate import evaluate_adapter
 
     return evaluate_adapter(args.adapter_dir, data=args.data, base=args.base, split=args.split,
-                            cache_dir=args.cache_dir, batch_size=args.batch_size, progress=not args.no_progress)
+                            cache_dir=args.cache_dir, batch_size=args.batch_size, progress=not args.no_progress,
+                            device=args.device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,6 +23,7 @@ TASKS = ("completion", "classification", "pretrain")  # pretrain: continued pre-
 AUTO = "auto"
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = (AUTO, "fp32", "bf16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")  # whether it exists here is training.device's to check
 WATCHED_METRICS = (AUTO, "loss", "accuracy", "f1_macro")
 RESUME_LATEST = "latest"
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
@@ -38,7 +40,9 @@ METHOD_OPTION_USERS = {
 }
 # Per-task defaults used where a field is left unset (None): chat turns are longer than review snippets.
 DEFAULT_MAX_LENGTH = {"completion": 256, "classification": 64, "pretrain": 128}
-MACHINE_LOCAL_FIELDS = ("cache_dir",)  # left out of the manifest: they describe this machine, not the run
+# Left out of the manifest: they describe this machine, not the run (an adapter trained on a GPU evaluates on a
+# CPU; the device a run used is in its metrics, metrics.train.device).
+MACHINE_LOCAL_FIELDS = ("cache_dir", "device")
 
 
 def default_cache_dir() -> Path:
@@ -85,7 +89,9 @@ class TrainConfig:
     cache_dir: Path = field(default_factory=default_cache_dir, metadata=_help(
         f"where prepared bases are cached (default ${CACHE_ENV} or {DEFAULT_CACHE})"))
 
-    # mechanics: precision, memory, validation during training, early stopping, checkpoints and resume
+    # mechanics: device, precision, memory, validation during training, early stopping, checkpoints and resume
+    device: str = field(default=AUTO, metadata=_help(
+        "where the model trains: cpu, cuda, cuda:N or auto (cuda when torch sees a CUDA device, else cpu)"))
     precision: str = field(default=AUTO, metadata=_help(
         "fp32, bf16 (autocast: bf16 matmuls over fp32 weights and optimizer state) or auto "
         "(bf16 on a CUDA device that supports it, else fp32)"))
@@ -157,6 +163,8 @@ class TrainConfig:
     def _check_mechanics(self) -> None:
         """The `# mechanics` fields (a bool given as text, e.g. "true" from a hand-edited manifest, becomes a bool)."""
         object.__setattr__(self, "gradient_checkpointing", _as_bool("gradient_checkpointing", self.gradient_checkpointing))
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("optim", self.optim, OPTIMIZERS)
         _check_choice("early_stopping_metric", self.early_stopping_metric, WATCHED_METRICS)

@@ -4,7 +4,8 @@ The folder's manifest carries its train_config, so the same split (val_fraction,
 max_length and base are rebuilt from the folder alone; a stock PEFT folder without a manifest works too,
 given --base and --data. Every method's folder loads as training.trained_folder loads it: PEFT folders
 (lora, qlora, ia3, prompt, prefix, ptuning) with PEFT, freeze folders as their trained tensors over a fresh
-base, full folders as the complete model they are, beside the base for the "before" figures.
+base, full folders as the complete model they are, beside the base for the "before" figures. `device` is where the model computes (auto: cuda where there is one);
+evaluation runs in fp32 on any device, so its figures do not depend on the precision a run trained in.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Any
 
 from adapters import resolve_base
 from training.classify import evaluate_classifier
-from training.config import TrainConfig
+from training.config import AUTO, TrainConfig
 from training.data import Split, load_dataset, relabel, split_dataset
+from training.device import resolve_device
 from training.errors import ConfigError
 from training.models import load_tokenizer
 from training.pretrain import pack_blocks
@@ -28,7 +30,7 @@ __all__ = ["evaluate_adapter", "relabel"]  # relabel lives in training.data; exp
 
 def evaluate_adapter(
     adapter_dir: str | Path, data: str | None = None, base: str | None = None, split: str = "validation",
-    cache_dir: Path | None = None, batch_size: int | None = None, progress: bool = False,
+    cache_dir: Path | None = None, batch_size: int | None = None, progress: bool = False, device: str = AUTO,
 ) -> dict[str, Any]:
     """Held-out figures of the folder at `adapter_dir` (any method's) on `data` (default: the data it was
     trained on).
@@ -47,15 +49,16 @@ def evaluate_adapter(
     task = folder.training_task  # a pretrain folder is a completion folder to the server; its data is raw text
     config = TrainConfig.from_manifest(
         saved, base=base_ref, data=data_ref, out=Path(adapter_dir), task=task,
-        eval_batch_size=batch_size, cache_dir=cache_dir,
+        eval_batch_size=batch_size, cache_dir=cache_dir, device=device,
     )
+    compute_on = resolve_device(config.device)  # a device this machine lacks is refused before anything loads
     prepared = resolve_base(config.base, config.cache_dir)
     dataset = load_dataset(config.data, task)
     tokenizer = load_tokenizer(prepared.path)
     labels = folder.labels or dataset.labels
     if folder.task == "classification":
         dataset = relabel(dataset, labels)
-    model = load_trained(folder, prepared, tokenizer, labels)
+    model = load_trained(folder, prepared, tokenizer, labels, device=compute_on)
     if split == "validation":
         parts = split_dataset(dataset, config.val_fraction, config.split_seed, config.eval_rows)
     else:

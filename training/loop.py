@@ -4,7 +4,8 @@ One optimizer step = `grad_accum_steps` micro-batches, each loss divided by that
 gradient is their mean; then the global gradient norm is clipped, AdamW steps, and the learning rate
 follows linear warm-up and the configured decay. The optimizer is torch's AdamW or bitsandbytes' 8-bit
 AdamW (paged on CUDA), per `optim`. The task supplies the rows, a loss function and, for
-validation during training, an evaluation (`Validation`).
+validation during training, an evaluation (`Validation`). The loop computes where the model's trainable
+weights are (training.device put them there; the loss function moves its batch to them).
 
 The `# mechanics` of TrainConfig:
 - precision: the forward runs under bf16 autocast when asked; weights, gradients and AdamW stay fp32.
@@ -33,6 +34,7 @@ from transformers import PreTrainedModel
 
 from training.checkpoints import check_same_run, checkpoint_root, find_resume_checkpoint, load_checkpoint, save_checkpoint
 from training.config import AUTO, TrainConfig
+from training.device import autocast_dtype, check_optimizer
 from training.errors import ConfigError, TrainingError
 from training.models import trainable_parameters
 
@@ -72,6 +74,7 @@ class LoopStats:
     stopped_early: bool = False
     precision: str = "fp32"
     resumed_from_step: int = 0
+    device: str = "cpu"  # the type of the device it trained on: cpu or cuda
 
     def summary(self) -> dict[str, Any]:
         window = max(1, min(LOSS_WINDOW, len(self.losses) // 2))
@@ -86,6 +89,8 @@ class LoopStats:
             figures.update(validations=len(self.validations), best_step=self.best_step, stopped_early=self.stopped_early)
         if self.precision != "fp32":
             figures["precision"] = self.precision
+        if self.device != "cpu":  # CPU runs report as they did before devices were a choice
+            figures["device"] = self.device
         if self.resumed_from_step:
             figures["resumed_from_step"] = self.resumed_from_step
         return figures
@@ -142,21 +147,13 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 
 def optimizer_class(optim: str, device: torch.device) -> type[torch.optim.Optimizer]:
-    """The optimizer class for TrainConfig.optim on `device`, or a ConfigError when it cannot run there.
-
-    bitsandbytes 0.50 runs AdamW8bit on CPU (8-bit moments, blockwise quantized; a tensor under
-    bitsandbytes' min_8bit_size, 4,096 values, keeps 32-bit state). Its PagedAdamW8bit on CPU only warns and
-    falls back to the unpaged optimizer: refused here, rather than run as something else than asked.
-    """
+    """The optimizer class for TrainConfig.optim on `device`, or a ConfigError when it cannot run there
+    (training.device.check_optimizer, which the runner already asked at start-up)."""
+    check_optimizer(optim, device)
     if optim == "adamw":
         return torch.optim.AdamW
-    if optim == "paged_adamw_8bit" and device.type != "cuda":
-        raise ConfigError(f"optim paged_adamw_8bit needs a CUDA device; this run trains on {device.type}, where "
-                          "bitsandbytes has no paged optimizer (it would silently run unpaged): use --optim adamw_8bit")
-    try:
-        import bitsandbytes as bnb
-    except ImportError as exc:
-        raise ConfigError(f"optim {optim} needs bitsandbytes (pip install 'loraplex[qlora]'): {exc}") from exc
+    import bitsandbytes as bnb
+
     return bnb.optim.PagedAdamW8bit if optim == "paged_adamw_8bit" else bnb.optim.AdamW8bit
 
 
@@ -168,18 +165,6 @@ def watched_metric(config: TrainConfig, task: str) -> tuple[str, bool]:
     if metric != LOSS_METRIC and task != "classification":
         raise ConfigError(f"early_stopping_metric {metric} needs a classification task; {task} validates on loss")
     return metric, metric != LOSS_METRIC
-
-
-def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 when asked (or, with auto, on a CUDA device that has it); None runs the forward in fp32."""
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if config.precision == "bf16":
-        if device.type == "cuda" and not cuda_bf16:
-            raise ConfigError("precision bf16: this CUDA device does not support bfloat16; use fp32")
-        return torch.bfloat16
-    if config.precision == AUTO and cuda_bf16:
-        return torch.bfloat16
-    return None
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -210,7 +195,7 @@ def train_loop(
     device = next(iter(weights.values())).device
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
-    amp = autocast_dtype(config, device)
+    amp = autocast_dtype(config.precision, device)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     state = LoopState()
@@ -263,7 +248,7 @@ def train_loop(
     return LoopStats(
         steps=state.step, losses=tuple(state.losses), seconds=time.perf_counter() - started, rows_seen=state.rows_seen,
         validations=tuple(state.validations), best_step=state.best_step, stopped_early=state.stopped_early,
-        precision="bf16" if amp is not None else "fp32", resumed_from_step=resumed_at,
+        precision="bf16" if amp is not None else "fp32", resumed_from_step=resumed_at, device=device.type,
     )
 
 
@@ -306,7 +291,7 @@ def _checkpoint(
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
     return {
-        "config": config.to_manifest(), "weights": {name: p.detach() for name, p in weights.items()},
+        "config": config.to_manifest(), "weights": {name: p.detach().cpu() for name, p in weights.items()},
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng, "loop": dict(vars(state)),
     }
 

@@ -1,7 +1,9 @@
 """Load a prepared base for a task (fp32, CPU) and make it trainable by the configured method.
 
 Why fp32: on CPU it is the fast dtype, and the server's CPU default is fp32 too, so what training
-measures is what serving computes.
+measures is what serving computes. On a GPU the fp32 weights are the master weights that bf16 autocast
+computes from. Why the CPU: the method wraps the model there, then training.methods moves it to the run's
+device (training.device), QLoRA's base quantized on the way.
 """
 
 from __future__ import annotations

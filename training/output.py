@@ -1,7 +1,8 @@
 """Write a trained adapter folder atomically: the method's files first (training.methods), our manifest, then
 the run's report folder (training.report).
 
-The folder appears at `out` only once complete, report included (adapters.atomic_directory); a failure at any
+The folder is written from CPU tensors (training.device.to_cpu: the trained model leaves the GPU once training is
+over), so it holds the same files wherever the run trained. The folder appears at `out` only once complete, report included (adapters.atomic_directory); a failure at any
 step leaves nothing new (an earlier folder at `out` stays as it was).
 The manifest's `method` says what the folder holds: PEFT files for the PEFT methods, the trained tensors
 for freeze, a complete model folder for full.
@@ -17,6 +18,7 @@ from torch import nn
 
 from adapters import Manifest, PreparedBase, atomic_directory, write_manifest
 from training.config import TrainConfig
+from training.device import to_cpu
 from training.loop import LoopStats
 from training.methods import save_trained
 from training.report import write_report
@@ -34,7 +36,8 @@ def write_adapter(
     metrics: dict[str, Any], stats: LoopStats,
 ) -> TrainResult:
     """The method's files (safetensors) + manifest.json (fingerprint, task, method, labels, metrics, train_config)
-    + report/ (metrics.json, curves.png)."""
+    + report/ (metrics.json, curves.png). `model` is moved to the CPU first."""
+    model = to_cpu(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     metrics = {**metrics, "trainable_parameters": trainable}  # what the optimizer updated, head included
     with atomic_directory(config.out) as tmp:

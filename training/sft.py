@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from adapters import PreparedBase
 from training.config import TrainConfig
 from training.data import Dataset, Split
+from training.device import model_device, to_device
 from training.errors import DatasetError
 from training.loop import Validation, train_loop, watched_metric
 from training.models import default_target_modules, load_causal_lm, load_tokenizer, prepare_model
@@ -38,11 +39,12 @@ def answer_loss(
     Rows are batched in length order so little compute goes to padding; the result does not depend on it.
     """
     model.eval()
+    device = model_device(model)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
     total_nll = 0.0
     total_tokens = 0
     for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        batch = collate([rows[i] for i in order[start : start + batch_size]], pad_token_id)
+        batch = to_device(collate([rows[i] for i in order[start : start + batch_size]], pad_token_id), device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, S, V]
         targets = batch["labels"][:, 1:]  # token t is predicted from position t-1
         nll = torch.nn.functional.cross_entropy(
@@ -129,7 +131,8 @@ def train_completion(
         before = answer_loss(peft_model, val_rows, pad, config.eval_batch_size, progress, desc="eval base")
 
     def loss_fn(m: nn.Module, batch_rows: list[EncodedCompletion]) -> torch.Tensor:
-        return m(**collate(batch_rows, pad)).loss  # HF shifts labels and averages over answer tokens
+        # HF shifts labels and averages over answer tokens
+        return m(**to_device(collate(batch_rows, pad), model_device(m))).loss
 
     def validate(m: nn.Module) -> dict[str, float]:
         figures = answer_loss(m, val_rows, pad, config.eval_batch_size)

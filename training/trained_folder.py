@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -30,6 +31,7 @@ from adapters.folder import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
 from adapters.json_file import read_json_object
 from adapters.manifest import MANIFEST_FILE, check_file_hashes, sha256_file
 from training.config import METHODS
+from training.device import CPU
 from training.errors import ConfigError, TrainingError
 from training.methods import reload_trained
 from training.methods.plain import TRAINED_WEIGHTS_FILE, PlainFineTune
@@ -132,9 +134,9 @@ def read_trained_folder(path: str | Path) -> TrainedFolder:
 
 
 def load_trained(folder: TrainedFolder, base: PreparedBase, tokenizer: PreTrainedTokenizerBase,
-                 labels: tuple[str, ...], reload_as: str | None = None) -> nn.Module:
-    """A fresh copy of `base` for the folder's task with the folder's training applied, in eval mode: it
-    computes what the trained model computed, and inside `disable_adapter()` what the base computes.
+                 labels: tuple[str, ...], reload_as: str | None = None, device: torch.device = CPU) -> nn.Module:
+    """A fresh copy of `base` for the folder's task with the folder's training applied, on `device`, in eval
+    mode: it computes what the trained model computed, and inside `disable_adapter()` what the base computes.
 
     `reload_as` reloads the folder as another method's folder (export reloads qlora as lora: the LoRA on the
     full-precision base, which is what a merge folds it into).
@@ -146,7 +148,7 @@ def load_trained(folder: TrainedFolder, base: PreparedBase, tokenizer: PreTraine
     _check_against_base(folder, model, base)
     method = reload_as or folder.method
     try:
-        trained = reload_trained(model, method, folder.path)
+        trained = reload_trained(model, method, folder.path, device)
     except TrainingError:
         raise
     except (RuntimeError, ValueError, KeyError) as exc:  # PEFT's / torch's words for weights that do not fit

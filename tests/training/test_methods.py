@@ -48,8 +48,9 @@ def method_config(method: str, base_dir: Path, out: Path, model: nn.Module, task
         options["prefix_hidden_size"] = 16
     if method == "freeze":
         options["freeze_last_k"] = 1
+    # device cpu: these tests feed CPU batches to the prepared model and compare it with CPU references
     config = TrainConfig(base=str(base_dir), data="unused", out=out, method=method, lora_r=4, lora_alpha=8,
-                         lora_dropout=0.0, **options)
+                         lora_dropout=0.0, device="cpu", **options)
     return config.resolved(task, default_target_modules(model, method))
 
 

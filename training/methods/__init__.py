@@ -27,17 +27,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from training.config import METHODS, TrainConfig
+from training.device import CPU, resolve_device
 from training.errors import ConfigError
 from training.methods import ia3, lora, plain, prompt, qlora
 from training.methods.peft_io import reload_peft, save_peft
 
 Prepare = Callable[[PreTrainedModel, TrainConfig, str, str], nn.Module]  # (model, config, task, base name)
 Save = Callable[[nn.Module, Path, Path], None]  # (trained model, folder being written, base folder)
-Reload = Callable[[PreTrainedModel, Path], nn.Module]  # (fresh base loaded as for training, folder)
+# (fresh base loaded as for training, on the CPU; folder; device it will compute on: qlora quantizes its base
+# straight onto it, the others are moved there whole afterwards)
+Reload = Callable[[PreTrainedModel, Path, torch.device], nn.Module]
 
 
 def _no_targets(model: nn.Module) -> tuple[str, ...]:
@@ -76,12 +80,16 @@ def method_of(name: str) -> Method:
 
 
 def prepare_model(model: PreTrainedModel, config: TrainConfig, task: str, base_name: str) -> nn.Module:
-    """`model` made trainable by config.method (base weights frozen unless the method trains them).
+    """`model` (loaded on the CPU) made trainable by config.method (base weights frozen unless the method
+    trains them), on the device config.device names.
 
-    The result is called like the HF model, has `disable_adapter()` (a context in which it computes what the
-    base computed) and is what `save_trained` writes.
+    The method wraps the model where it was loaded, so new weights (LoRA A, a head) are initialised from the
+    CPU's RNG, the same on every device; then the whole model moves (qlora's base linears are quantized on
+    their way there, by its prepare). The result is called like the HF model, has `disable_adapter()` (a
+    context in which it computes what the base computed) and is what `save_trained` writes.
     """
-    return method_of(config.method).prepare(model, config, task, base_name)
+    device = resolve_device(config.device)
+    return method_of(config.method).prepare(model, config, task, base_name).to(device)
 
 
 def default_target_modules(model: nn.Module, method: str = "lora") -> tuple[str, ...]:
@@ -94,9 +102,9 @@ def save_trained(model: nn.Module, method: str, folder: Path, base_path: Path) -
     method_of(method).save(model, Path(folder), Path(base_path))
 
 
-def reload_trained(model: PreTrainedModel, method: str, folder: str | Path) -> nn.Module:
+def reload_trained(model: PreTrainedModel, method: str, folder: str | Path, device: torch.device = CPU) -> nn.Module:
     """`model` (a fresh base loaded as for training, head included) with the folder's trained result applied,
-    in eval mode: it computes what the trained model computed when the folder was written."""
-    reloaded = method_of(method).reload(model, Path(folder))
+    on `device`, in eval mode: it computes what the trained model computed when the folder was written."""
+    reloaded = method_of(method).reload(model, Path(folder), device).to(device)
     reloaded.eval()
     return reloaded

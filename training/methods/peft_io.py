@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from peft import PeftConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
@@ -29,7 +30,8 @@ def save_peft(model: nn.Module, folder: Path, base_path: Path) -> None:
     (folder / PEFT_MODEL_CARD).unlink(missing_ok=True)
 
 
-def reload_peft(model: PreTrainedModel, folder: Path) -> PeftModel:
+def reload_peft(model: PreTrainedModel, folder: Path, device: torch.device | None = None) -> PeftModel:
+    """The folder's PEFT weights on `model` (they go where the base's layers are; the caller moves the rest)."""
     return PeftModel.from_pretrained(model, str(folder))
 
 

@@ -61,12 +61,15 @@ class PlainFineTune(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Compute with the base's values of the trained tensors inside the block (tensors swapped, not copied)."""
+        """Compute with the base's values of the trained tensors inside the block (tensors swapped, not copied).
+
+        The base's values stay where the model was loaded (the CPU): on a GPU they are copied onto it for the
+        block only, so a full fine-tune does not hold a second copy of every weight in GPU memory."""
         params = dict(self.model.named_parameters())
         trained = {}
         for name, base_value in self._base_values.items():
             trained[name] = params[name].data
-            params[name].data = base_value
+            params[name].data = base_value.to(params[name].device)
         try:
             yield
         finally:
@@ -132,7 +135,7 @@ def save_trained_tensors(model: nn.Module, folder: Path, base_path: Path) -> Non
     save_file(_plain(model).trained_state(), str(folder / TRAINED_WEIGHTS_FILE))
 
 
-def reload_trained_tensors(model: PreTrainedModel, folder: Path) -> PlainFineTune:
+def reload_trained_tensors(model: PreTrainedModel, folder: Path, device: torch.device | None = None) -> PlainFineTune:
     tensors = load_file(str(folder / TRAINED_WEIGHTS_FILE))
     unknown = sorted(set(tensors) - set(model.state_dict()))
     if unknown:
@@ -149,7 +152,7 @@ def save_full_model(model: nn.Module, folder: Path, base_path: Path) -> None:
     AutoTokenizer.from_pretrained(base_path).save_pretrained(folder)
 
 
-def reload_full_model(model: PreTrainedModel, folder: Path) -> PlainFineTune:
+def reload_full_model(model: PreTrainedModel, folder: Path, device: torch.device | None = None) -> PlainFineTune:
     """`model` (the fresh base) with the folder's weights loaded into it; `disable_adapter()` gives the base's
     weights back, as during training."""
     tuned = type(model).from_pretrained(folder, dtype=model.dtype)

@@ -23,6 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import PeftModel, PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
 from torch import nn
 from transformers import PreTrainedModel
@@ -52,7 +53,7 @@ def prepare_ptuning_v2(model: PreTrainedModel, config: TrainConfig, task: str, b
     return wrap(model, peft_config, base_name)
 
 
-def reload(model: PreTrainedModel, folder: Path) -> PeftModel:
+def reload(model: PreTrainedModel, folder: Path, device: torch.device | None = None) -> PeftModel:
     return _input_positions_only(reload_peft(model, folder))
 
 
