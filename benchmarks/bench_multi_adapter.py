@@ -111,10 +111,14 @@ def run_engine(base, prompts, adapters: list[LoadedAdapter | None], concurrency:
     first: list[float | None] = [None] * len(prompts)
     last: list[float | None] = [None] * len(prompts)
 
+    errors: list[BaseException] = []
+
     def emitter(i):
         def emit(item):
-            if isinstance(item, BaseException):
-                raise item
+            if isinstance(item, BaseException):  # ends the request: raised in the caller, not the engine thread
+                errors.append(item)
+                done.release()
+                return
             now = time.perf_counter()
             counts[i] += 1
             first[i] = now if first[i] is None else first[i]
@@ -130,8 +134,12 @@ def run_engine(base, prompts, adapters: list[LoadedAdapter | None], concurrency:
         sched.submit(GenerationRequest(list(prompt), params, adapter, emit=emitter(i)))
     for _ in prompts:
         done.acquire()
+        if errors:
+            break
     elapsed = time.perf_counter() - started
     sched.stop()
+    if errors:
+        raise RuntimeError(f"a request failed in the engine: {errors[0]!r}") from errors[0]
     assert all(c == new_tokens for c in counts), counts
     decode_s = union_seconds(list(zip(first, last)))
     decode_tokens = sum(c - 1 for c in counts)
