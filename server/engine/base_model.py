@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -23,6 +23,8 @@ from adapters import BaseSignature, PreparedBase
 from adapters.quantized import QuantizedWeights, quantize_model, read_quant_config
 from server.engine.backend import Backend
 from server.engine.loaded import LoadedAdapter
+from server.engine.decoder import LlamaDecoder
+from server.engine.fused import fuse_llama_projections
 from server.engine.lora_layer import ActiveAdapters, wrap_linears
 from server.engine.lora_slots import LoraSlots
 from server.engine.quant_base import QuantSummary, check_folder_matches, load_quantized_folder, quantize_base
@@ -43,6 +45,8 @@ class BaseModel:
     active: ActiveAdapters
     can_generate: bool
     quant: QuantSummary | None = None  # set on a quantized base (--quant int8|int4|nf4|fp4)
+    # (layer index, "qkv" | "gate_up") -> one matmul for those projections (fused.py), read by the lean decoder
+    fused: dict = field(default_factory=dict)
 
     @functools.cached_property
     def weight_bytes(self) -> int:
@@ -78,9 +82,11 @@ class BaseModel:
 LORA_KERNELS = ("stacked", "loop")
 
 
-def load_base(prepared: PreparedBase, backend: Backend, lora_kernel: str = "stacked", lora_slots: int = 32) -> BaseModel:
+def load_base(prepared: PreparedBase, backend: Backend, lora_kernel: str = "stacked", lora_slots: int = 32,
+              fuse: bool = True) -> BaseModel:
     """Load, freeze and wrap the base. `lora_kernel`: "stacked" (LoraSlots, the fast path) or "loop"
-    (the reference); `lora_slots`: adapters resident on the device at once with the stacked kernel."""
+    (the reference); `lora_slots`: adapters resident on the device at once with the stacked kernel;
+    `fuse`: one matmul for q, k, v and for gate, up where the lean decoder runs (fused.py)."""
     if lora_kernel not in LORA_KERNELS:
         raise ValueError(f"lora_kernel must be one of {LORA_KERNELS}")
     config = AutoConfig.from_pretrained(prepared.path)
@@ -117,6 +123,9 @@ def load_base(prepared: PreparedBase, backend: Backend, lora_kernel: str = "stac
         quant = quantize_base(model, backend.quant_kernels, backend.device, backend.dtype, checkpoint)
         log.info("base quantized: %s, %d matrices, %.1f MB of weights", quant.kernel, quant.matrices,
                  quant.weight_bytes / 1e6)
+    fused = {}
+    if fuse and quant is None and LlamaDecoder.supports(model):
+        fused = fuse_llama_projections(model, backend.linear, backend.pack)
     tokenizer = AutoTokenizer.from_pretrained(prepared.path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -126,7 +135,7 @@ def load_base(prepared: PreparedBase, backend: Backend, lora_kernel: str = "stac
     )
     return BaseModel(
         prepared=prepared, model=model, backbone=backbone, tokenizer=tokenizer, backend=backend,
-        signature=signature, active=active, can_generate=can_generate, quant=quant,
+        signature=signature, active=active, can_generate=can_generate, quant=quant, fused=fused,
     )
 
 

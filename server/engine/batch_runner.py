@@ -65,7 +65,7 @@ class BatchRunner:
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         self.cache = SlotKVCache(config.num_hidden_layers, num_slots, kv_heads, max_len, head_dim,
                                  base.backend.dtype, base.backend.device)
-        self.decoder = make_decoder(base.model, lean)
+        self.decoder = make_decoder(base.model, lean, base.fused)
         self.lm_head = base.model.get_output_embeddings()
         self.mask_value = torch.finfo(base.backend.dtype).min
 

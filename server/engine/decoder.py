@@ -44,10 +44,11 @@ def embed(embedding: nn.Module, input_ids: torch.Tensor, embeds: Embeds) -> torc
     return hidden
 
 
-def make_decoder(model: nn.Module, lean: bool = True) -> Decoder:
-    """The lean forward where the architecture has one (and `lean`), else HF's backbone."""
+def make_decoder(model: nn.Module, lean: bool = True, fused: dict | None = None) -> Decoder:
+    """The lean forward where the architecture has one (and `lean`), else HF's backbone. `fused`: the
+    base's fused projections (fused.py), which the lean forward calls in place of their members."""
     if lean and LlamaDecoder.supports(model):
-        return LlamaDecoder(model)
+        return LlamaDecoder(model, fused or {})
     return HFDecoder(getattr(model, model.base_model_prefix))
 
 
@@ -110,8 +111,9 @@ class LlamaDecoder:
             and inner is not None and hasattr(inner, "rotary_emb") and hasattr(inner, "layers")
         )
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, fused: dict | None = None) -> None:
         inner = model.model
+        self.fused = fused or {}
         self.embed = inner.embed_tokens
         self.rotary = inner.rotary_emb
         self.norm_weight, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
@@ -123,26 +125,28 @@ class LlamaDecoder:
         cos, sin = self.rotary(hidden, positions)  # [B, S, head_dim]
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         for index, layer in enumerate(self.layers):
-            hidden = hidden + self._attention(layer, hidden, cos, sin, mask, cache, index)
-            hidden = hidden + self._mlp(layer, hidden)
+            hidden = hidden + self._attention(layer, hidden, cos, sin, mask, cache, index, self.fused.get((index, "qkv")))
+            hidden = hidden + self._mlp(layer, hidden, self.fused.get((index, "gate_up")))
         return rms_norm(hidden, self.norm_weight, self.norm_eps)
 
     @staticmethod
     def _attention(layer: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor, cache: SlotKVCache, index: int) -> torch.Tensor:
+                   mask: torch.Tensor, cache: SlotKVCache, index: int, qkv=None) -> torch.Tensor:
         attn, norm = layer.self_attn, layer.input_layernorm
         x = rms_norm(hidden, norm.weight, norm.variance_epsilon)
         batch, seq, _ = x.shape
         dim = attn.head_dim
-        q = attn.q_proj(x).view(batch, seq, -1, dim).transpose(1, 2)  # [B, H, S, d]
-        k = attn.k_proj(x).view(batch, seq, -1, dim).transpose(1, 2)  # [B, KVH, S, d]
-        v = attn.v_proj(x).view(batch, seq, -1, dim).transpose(1, 2)
+        q, k, v = qkv(x) if qkv is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+        q = q.view(batch, seq, -1, dim).transpose(1, 2)  # [B, H, S, d]
+        k = k.view(batch, seq, -1, dim).transpose(1, 2)  # [B, KVH, S, d]
+        v = v.view(batch, seq, -1, dim).transpose(1, 2)
         k, v = cache.update(rotate(k, cos, sin), v, index)  # -> [B, KVH, L, d]
         out = grouped_attention(rotate(q, cos, sin), k, v, mask, attn.scaling)
         return attn.o_proj(out)
 
     @staticmethod
-    def _mlp(layer: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    def _mlp(layer: nn.Module, hidden: torch.Tensor, gate_up=None) -> torch.Tensor:
         mlp, norm = layer.mlp, layer.post_attention_layernorm
         x = rms_norm(hidden, norm.weight, norm.variance_epsilon)
-        return mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+        gate, up = gate_up(x) if gate_up is not None else (mlp.gate_proj(x), mlp.up_proj(x))
+        return mlp.down_proj(mlp.act_fn(gate) * up)

@@ -219,6 +219,7 @@ class LoraLinear(nn.Module):
         self.linear = linear
         self.pack = pack
         self.kernel_weight = pack(base.weight)
+        self.fused = None  # the FusedLinear (fused.py) whose one matmul computes this module's output, if any
 
     @property
     def weight(self) -> torch.Tensor:  # models that read `.weight` (tied embeddings) still work
@@ -228,6 +229,8 @@ class LoraLinear(nn.Module):
         if self.base.weight is None:
             raise RuntimeError(f"{self.name}: a quantized base matrix cannot be repacked (no full-precision weight)")
         self.kernel_weight = self.pack(self.base.weight)
+        if self.fused is not None:
+            self.fused.repack()
 
     def use_quantized(self, matrix: QuantMatrix) -> None:
         """Run the base matmul on `matrix` (server/engine/quant_kernels.py) and drop the plain weight."""
