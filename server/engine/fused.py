@@ -5,7 +5,8 @@ A decode step at 8 rows is short, wide matmuls; on this project's 2-core CPU one
 390 us as two (SmolLM2's shapes, packed weights). The fused weight is packed once, from the members'
 plain weights, and the members give up their own packed copies (they keep their plain weights, and
 compute from them when they are called alone: the HF reference forward, a batch that needs a member's
-own input), so a fused base holds the same bytes as an unfused one.
+own input), so a fused base holds the same bytes as an unfused one. Where weights are not packed
+(F.linear), the members' weights become row views of the fused matrix instead.
 
 Each member's adapters then apply to its slice of the fused output, exactly as they would to its own
 output: LoRA deltas (ActiveAdapters.apply), IA3 output scales and freeze rows' replacements all work on
@@ -37,6 +38,13 @@ class FusedLinear:
             self.bounds.append((start, start + member.base.out_features))
             start += member.base.out_features
         self.names = {member.name for member in members}
+        # Unpacked (F.linear: a GPU, bf16 on a CPU without bf16 oneDNN): the members' weights become row
+        # views of one fused matrix, so the fusion costs no memory and in-place merges update it.
+        self.shared = pack is no_pack
+        if self.shared:
+            fused = torch.cat([member.base.weight.detach() for member in members])
+            for member, (lo, hi) in zip(members, self.bounds):
+                member.base.weight.data = fused[lo:hi]
         self.repack()
         for member in members:  # alone, a member computes from its plain weight; a repack repacks the fusion
             member.linear, member.pack, member.kernel_weight = F.linear, no_pack, member.base.weight
@@ -44,7 +52,11 @@ class FusedLinear:
 
     def repack(self) -> None:
         weights = [member.base.weight for member in self.members]
-        self.weight = self.pack(torch.cat(weights).detach())
+        if self.shared:  # the members' weights are views of it: changed in place with them
+            first = weights[0].detach()
+            self.weight = first.as_strided((sum(w.shape[0] for w in weights), first.shape[1]), first.stride())
+        else:
+            self.weight = self.pack(torch.cat(weights).detach())
         biases = [member.base.bias for member in self.members]
         self.bias = None
         if any(b is not None for b in biases):

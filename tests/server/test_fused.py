@@ -68,3 +68,23 @@ def test_merge_repacks_the_fused_weights(tiny_llama_dir, folders):
     merger.switch_to(None)
     for got, expected in zip(_logits(fused, folders, [None, None]), base_only):
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_unpacked_fusion_shares_the_members_memory(tiny_llama_dir, folders):
+    """With F.linear (no packed copies: a GPU, bf16 on CPUs without bf16 oneDNN) the members' weights are
+    views of the fused matrix: no extra bytes, and a merge into a member is seen by the fused matmul."""
+    from server.engine.backend import Backend
+    import torch.nn.functional as F
+
+    backend = Backend(torch.device("cpu"), torch.float32, linear=F.linear)
+    fused = load_base(_prepared(tiny_llama_dir), backend)
+    plain = load_base(_prepared(tiny_llama_dir), backend, fuse=False)
+    for projection in fused.fused.values():
+        storage = projection.weight.untyped_storage().data_ptr()
+        assert all(m.base.weight.untyped_storage().data_ptr() == storage for m in projection.members)
+    for got, want in zip(_logits(fused, folders, ["alpha", None]), _logits(plain, folders, ["alpha", None])):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    want = _logits(plain, folders, ["beta", "beta"])
+    Merger(fused).switch_to(load_folder(folders["beta"], fused, "beta"))
+    for got, expected in zip(_logits(fused, folders, [None, None]), want):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
