@@ -1,4 +1,5 @@
-"""Per-request sampling: greedy, temperature, top-k, top-p, seed. Settings never leak between requests.
+"""Per-request sampling settings: greedy, temperature, top-k, top-p, seed. Settings never leak between
+requests; the sampling itself, batched over a step's rows, is batch_sampling.py.
 
 `SamplingParams` also carries what the other per-row stages read: the logits processors' settings
 (penalties, logit_bias: logits_processors.py), how many logprobs to report (logprobs.py) and `n`, the
@@ -14,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+from server.engine.batch_sampling import sample_rows
 
 if TYPE_CHECKING:
     from server.engine.logits_processors import LogitsProcessor
@@ -92,7 +95,8 @@ def choice_seed(seed: int, choice: int) -> int:
 
 
 class Sampler:
-    """Chooses the next token from one row of logits; owns the choice's random generator."""
+    """One choice's sampling settings and random generator (None when greedy). The batched math is
+    batch_sampling.sample_rows; calling a Sampler samples one row through it (a test and tool convenience)."""
 
     def __init__(self, params: SamplingParams, device: torch.device, choice: int = 0) -> None:
         self.params = params
@@ -105,22 +109,9 @@ class Sampler:
                 self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, banned: list[int] | None = None) -> int:
-        # logits: [vocab] (float); banned: token ids that may not be chosen now (eos before min_tokens)
+        """logits: [vocab]; banned: token ids that may not be chosen now (eos before min_tokens)."""
         logits = logits.float()
         if banned:
             logits = logits.clone()
             logits[banned] = float("-inf")
-        if self.params.greedy:
-            return int(torch.argmax(logits))
-        logits = logits / self.params.temperature
-        if self.params.top_k > 0:
-            kth = torch.topk(logits, min(self.params.top_k, logits.shape[-1])).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if self.params.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cumulative = torch.cumsum(sorted_probs, dim=-1)
-            drop = cumulative - sorted_probs > self.params.top_p  # keep the smallest prefix reaching top_p
-            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return int(sample_rows(logits[None], [self])[0])

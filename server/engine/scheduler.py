@@ -25,10 +25,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
+
 from server.config import config_default
 from server.engine.base_model import BaseModel
 from server.engine.batch_runner import BatchRunner, RowInput, StepLogits
-from server.engine.decode_state import DecodeState, TextDelta
+from server.engine.decode_state import DecodeState, TextDelta, step_rows
 from server.engine.generate import eos_ids
 from server.engine.loaded import LoadedAdapter
 from server.engine.logprobs import TokenLogprob, prompt_logprobs
@@ -252,6 +254,9 @@ class Scheduler(ModelWorker):
         logits = self._forward("prefill", firsts, inputs)
         if logits is None:
             return
+        rows: list[_Running] = []  # every admitted choice, each beside its request's row of `logits`
+        row_index: list[int] = []
+        prompts: list[tuple[TokenLogprob | None, ...] | None] = []
         for index, (first, row) in enumerate(zip(firsts, inputs)):
             first.length += len(row.tokens)
             others = [r for r in admitted if r.request is first.request and r.choice > 0]
@@ -262,7 +267,13 @@ class Scheduler(ModelWorker):
                 prompt = _prompt_logprobs(first.request, logits.every[index], len(row.tokens))
             for running in (first, *others):
                 running.length = first.length
-                self._step(running, logits.last[index], prompt)
+                rows.append(running)
+                row_index.append(index)
+                prompts.append(prompt)
+        last = logits.last
+        if row_index != list(range(len(last))):  # n > 1: the choices repeat their request's row
+            last = last.index_select(0, torch.tensor(row_index).to(last.device, non_blocking=True))
+        self._step(rows, last, prompts)
         if self.on_step is not None:
             self.on_step("prefill", len(firsts), time.perf_counter() - started)
 
@@ -273,9 +284,9 @@ class Scheduler(ModelWorker):
         logits = self._forward("decode", rows, inputs)
         if logits is None:
             return
-        for running, row_logits in zip(rows, logits.last):
+        for running in rows:
             running.length += 1
-            self._step(running, row_logits)
+        self._step(rows, logits.last)
         if self.on_step is not None:
             self.on_step("decode", len(rows), time.perf_counter() - started)
 
@@ -291,12 +302,16 @@ class Scheduler(ModelWorker):
             return None
 
     @staticmethod
-    def _step(running: _Running, logits, prompt: tuple[TokenLogprob | None, ...] | None = None) -> None:
-        delta = running.state.step(logits)
-        if prompt is not None:
-            delta = dataclasses.replace(delta, prompt_logprobs=prompt)
-        running.next_token = None if running.state.finished else delta.token_id
-        running.request.emit(delta)
+    def _step(rows: list[_Running], logits: torch.Tensor,
+              prompts: list[tuple[TokenLogprob | None, ...] | None] | None = None) -> None:
+        """Sample every row's next token in one batched call and emit one delta per row.
+        logits: [len(rows), vocab], row i for rows[i]; prompts: each row's prompt logprobs, if any."""
+        deltas = step_rows([r.state for r in rows], logits)
+        for i, (running, delta) in enumerate(zip(rows, deltas)):
+            if prompts is not None and prompts[i] is not None:
+                delta = dataclasses.replace(delta, prompt_logprobs=prompts[i])
+            running.next_token = None if running.state.finished else delta.token_id
+            running.request.emit(delta)
 
     def _drop_cancelled(self) -> None:
         for running in self._running:
