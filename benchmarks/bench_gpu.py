@@ -49,6 +49,7 @@ from typing import Callable
 import torch
 
 from adapters import PreparedBase, read_adapter_folder, validate_against_base
+from bench_multi_adapter import union_seconds  # this folder is on the path when run as a script
 from adapters.fingerprint import fingerprint_base_folder
 from server.engine.backend import choose_backend
 from server.engine.base_model import BaseModel, load_base
@@ -259,17 +260,6 @@ def roofline(base: BaseModel, args: argparse.Namespace, bandwidth: float, adapte
             "batch1_tokens_per_s": bandwidth / (base.weight_bytes + mean_context * kv_bytes_per_token(base)),
             "b_adapter_bytes_per_step": adapter_bytes,
             "b_tokens_per_s": args.batch * bandwidth / (step_bytes + adapter_bytes)}
-
-
-def union_seconds(intervals: list[tuple[float, float]]) -> float:
-    """The length of the union of [start, end] intervals."""
-    total, reach = 0.0, float("-inf")
-    for start, end in sorted(intervals):
-        if end <= reach:
-            continue
-        total += end - max(start, reach)
-        reach = end
-    return total
 
 
 def run_engine(base: BaseModel, prompts: list[list[int]], acquire: Callable[[int], LoadedAdapter | None],
