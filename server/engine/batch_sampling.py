@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from server.engine.host import upload
+
 if TYPE_CHECKING:
     from server.engine.sampling import Sampler, SamplingParams
 
@@ -128,6 +130,5 @@ def reference_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 
 def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a tensor on `device` without waiting for the device: a blocking host-to-device
-    copy would first wait for the step's forward to finish."""
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    """A small host list as a tensor on `device` without waiting for the device (host.upload)."""
+    return upload(torch.tensor(values, dtype=dtype), device)

@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 
 from server.engine.batch_sampling import sample_rows
 from server.engine.detokenize import REPLACEMENT_CHAR, make_detokenizer
+from server.engine.host import upload
 from server.engine.logits_processors import build_processors
 from server.engine.logprobs import TokenLogprob
 from server.engine.sampling import Sampler, SamplingParams
@@ -76,7 +77,7 @@ class DecodeState:
         if not self.stop_ids or len(self.tokens) >= self.params.min_tokens:
             return None
         if self._banned_ids is None or self._banned_ids.device != device:
-            self._banned_ids = torch.tensor(sorted(self.stop_ids)).to(device, non_blocking=True)
+            self._banned_ids = upload(torch.tensor(sorted(self.stop_ids)), device)
         return self._banned_ids
 
     def accept(self, token: int, logprob: TokenLogprob | None = None) -> TextDelta:
@@ -153,7 +154,7 @@ def _to_host(tokens: torch.Tensor, logits: torch.Tensor, asking: list[int],
     float32 logprobs and for token ids below 2**53."""
     if not asking:
         return tokens.tolist(), []
-    index = torch.tensor(asking).to(logits.device, non_blocking=True)
+    index = upload(torch.tensor(asking), logits.device)
     logprobs = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)  # [L, vocab]
     chosen = logprobs.gather(1, tokens.index_select(0, index)[:, None])[:, 0]  # [L]
     parts = [tokens.double(), chosen.double()]

@@ -42,9 +42,9 @@ class FusedLinear:
         # views of one fused matrix, so the fusion costs no memory and in-place merges update it.
         self.shared = pack is no_pack
         if self.shared:
-            fused = torch.cat([member.base.weight.detach() for member in members])
+            self.weight = torch.cat([member.base.weight.detach() for member in members])
             for member, (lo, hi) in zip(members, self.bounds):
-                member.base.weight.data = fused[lo:hi]
+                member.base.weight.data = self.weight[lo:hi]
         self.repack()
         for member in members:  # alone, a member computes from its plain weight; a repack repacks the fusion
             member.linear, member.pack, member.kernel_weight = F.linear, no_pack, member.base.weight
@@ -52,10 +52,7 @@ class FusedLinear:
 
     def repack(self) -> None:
         weights = [member.base.weight for member in self.members]
-        if self.shared:  # the members' weights are views of it: changed in place with them
-            first = weights[0].detach()
-            self.weight = first.as_strided((sum(w.shape[0] for w in weights), first.shape[1]), first.stride())
-        else:
+        if not self.shared:  # shared: the members' weights are views of self.weight, changed in place with it
             self.weight = self.pack(torch.cat(weights).detach())
         biases = [member.base.bias for member in self.members]
         self.bias = None

@@ -32,6 +32,7 @@ from server.engine.base_model import BaseModel
 from server.engine.batch_runner import BatchRunner, RowInput, StepLogits
 from server.engine.decode_state import DecodeState, TextDelta, step_rows
 from server.engine.generate import eos_ids
+from server.engine.host import upload
 from server.engine.loaded import LoadedAdapter
 from server.engine.logprobs import TokenLogprob, prompt_logprobs
 from server.engine.merge_mode import Merger
@@ -272,7 +273,7 @@ class Scheduler(ModelWorker):
                 prompts.append(prompt)
         last = logits.last
         if row_index != list(range(len(last))):  # n > 1: the choices repeat their request's row
-            last = last.index_select(0, torch.tensor(row_index).to(last.device, non_blocking=True))
+            last = last.index_select(0, upload(torch.tensor(row_index), last.device))
         self._step(rows, last, prompts)
         if self.on_step is not None:
             self.on_step("prefill", len(firsts), time.perf_counter() - started)
