@@ -124,7 +124,7 @@ def load_base(prepared: PreparedBase, backend: Backend, lora_kernel: str = "stac
         log.info("base quantized: %s, %d matrices, %.1f MB of weights", quant.kernel, quant.matrices,
                  quant.weight_bytes / 1e6)
     fused = {}
-    if fuse and quant is None and LlamaDecoder.supports(model):
+    if fuse and LlamaDecoder.supports(model):
         fused = fuse_llama_projections(model, backend.linear, backend.pack)
     tokenizer = AutoTokenizer.from_pretrained(prepared.path)
     if tokenizer.pad_token is None:

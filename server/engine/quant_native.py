@@ -9,6 +9,8 @@ block of eight rows (measured by `python benchmarks/bench_quant.py --kernels`).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -25,8 +27,12 @@ def _fp32_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 class _NativeMatrix:
-    """A quant_kernels.QuantMatrix (structurally) whose small-row products run in qgemm.cpp."""
+    """A quant_kernels.QuantMatrix (structurally) whose small-row products run in qgemm.cpp.
 
+    Every kind stores its tensors row-major by output row ([N, ...]): `ROW_TENSORS` names them, and rows
+    lo:hi of the matrix are those tensors' rows lo:hi (what `fuse_rows` relies on)."""
+
+    ROW_TENSORS: tuple[str, ...]
     out_features: int
     in_features: int
     lib: QGemmLibrary
@@ -62,6 +68,8 @@ class _NativeMatrix:
 class NativeInt8(_NativeMatrix):
     """w = q * scale + min per group along K; q uint8 [N, K], scales / mins fp32 [N, K / group]."""
 
+    ROW_TENSORS = ("qweight", "scales", "mins")
+
     def __init__(self, lib: QGemmLibrary, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                  group_size: int, dequant_rows: int = DEQUANT_ROWS) -> None:
         self.lib, self.group_size, self.dequant_rows = lib, group_size, dequant_rows
@@ -87,6 +95,8 @@ class NativeInt8(_NativeMatrix):
 class NativeInt4(_NativeMatrix):
     """w = q * scale + min per group along K, q in [0, 15] repacked in blocks of INT4_BLOCK (see
     qgemm.cpp); scales / mins held fp16 (the kernel widens them with F16C)."""
+
+    ROW_TENSORS = ("packed", "scales", "mins")
 
     def __init__(self, lib: QGemmLibrary, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                  group_size: int, dequant_rows: int = DEQUANT_ROWS) -> None:
@@ -116,6 +126,8 @@ class NativeInt4(_NativeMatrix):
 class NativeInt8Channel(_NativeMatrix):
     """w = q * scale[n]; q int8 [N, K] in [-127, 127], one fp32 scale per output row."""
 
+    ROW_TENSORS = ("qweight", "scales")
+
     def __init__(self, lib: QGemmLibrary, qweight: torch.Tensor, scales: torch.Tensor,
                  dequant_rows: int = DEQUANT_ROWS) -> None:
         self.lib, self.dequant_rows = lib, dequant_rows
@@ -143,3 +155,31 @@ def native_shape_fits(kind: str, shape: tuple[int, int], group_size: int) -> boo
     if kind == "int8":
         return group_size % 8 == 0 and cols % group_size == 0
     return cols % 8 == 0
+
+
+def stackable(matrices: list) -> bool:
+    """Whether `matrices` can share one kernel call stacked by output row: all native, of one kind, input
+    width and group size."""
+    first = matrices[0]
+    return isinstance(first, _NativeMatrix) and all(
+        type(m) is type(first) and m.in_features == first.in_features
+        and getattr(m, "group_size", None) == getattr(first, "group_size", None) for m in matrices)
+
+
+def fuse_rows(matrices: list[_NativeMatrix]) -> _NativeMatrix:
+    """One matrix whose rows are `matrices`' rows in order (q, k, v stacked: one kernel call for all three);
+    they must be `stackable`. The members' tensors become row views of the fused ones, so the fusion
+    holds no extra bytes and a member called alone still computes from its own rows."""
+    if not stackable(matrices):
+        raise ValueError("these quantized matrices cannot share one kernel call (kinds, widths or groups differ)")
+    first = matrices[0]
+    fused = copy.copy(first)
+    fused.out_features = sum(m.out_features for m in matrices)
+    for name in first.ROW_TENSORS:
+        setattr(fused, name, torch.cat([getattr(m, name) for m in matrices]))
+    start = 0
+    for member in matrices:
+        for name in first.ROW_TENSORS:
+            setattr(member, name, getattr(fused, name)[start:start + member.out_features])  # contiguous rows
+        start += member.out_features
+    return fused

@@ -11,7 +11,7 @@ from server.engine.base_model import load_base
 from server.engine.batch_runner import BatchRunner, RowInput
 from server.engine.fused import FusedLinear
 from server.engine.merge_mode import Merger
-from tests.server.conftest import CPU_FP32, _prepared, load_folder
+from tests.server.conftest import CPU_FP32, _prepared, load_folder, make_causal_adapter
 from tests.server.test_freeze import make_freeze
 from tests.server.test_ia3 import make_ia3
 
@@ -88,3 +88,86 @@ def test_unpacked_fusion_shares_the_members_memory(tiny_llama_dir, folders):
     Merger(fused).switch_to(load_folder(folders["beta"], fused, "beta"))
     for got, expected in zip(_logits(fused, folders, [None, None]), want):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory, tiny_llama_dir) -> tuple[Path, dict[str, Path]]:
+    """The tiny Llama, wide enough (k/v 64 rows) that every projection takes the group kernels, and
+    every per-row method's adapters on it: the quantized fusion stacks matrices of one kind only."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("wide-llama")
+    LlamaForCausalLM(config).eval().save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    root = tmp_path_factory.mktemp("wide-adapters")
+    return folder, {
+        "alpha": make_causal_adapter(folder, root / "alpha", 1, 4, ["q_proj", "v_proj", "up_proj"]),
+        "beta": make_causal_adapter(folder, root / "beta", 2, 8, ["k_proj", "gate_proj", "down_proj"]),
+        "ia3-out": make_ia3(folder, root / "ia3-out", 41),
+        "ia3-up-in": make_ia3(folder, root / "ia3-up-in", 42, target_modules=["up_proj", "q_proj"],
+                              feedforward_modules=["up_proj"]),
+        "freeze": make_freeze(folder, root / "freeze", 43, ["model.layers.0.mlp.gate_proj",
+                                                           "model.layers.1.self_attn.k_proj"]),
+    }
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+@pytest.mark.parametrize("names", [
+    [None, None, None],
+    ["alpha", "ia3-out", "freeze", None],
+    ["ia3-up-in", "beta", None],
+])
+def test_quantized_fusion_equals_the_unfused_quantized_base(wide_llama, quant, names):
+    """On the native int8/int4 kernels q, k, v (and gate, up) run as one stacked matrix whose rows are
+    the members' own: every per-row method gives the unfused quantized base's logits, and the members
+    hold views of the fused tensors (no extra bytes)."""
+    from server.engine.backend import choose_backend
+    from server.engine.native import qgemm_library
+    from server.engine.quant_native import stackable
+
+    if qgemm_library() is None:
+        pytest.skip("the native CPU kernels do not build here (no C++ compiler or no AVX2): nothing to stack")
+    folder, adapters = wide_llama
+    backend = choose_backend("cpu", "float32", quant)
+    fused = load_base(_prepared(folder), backend, lora_slots=4)
+    plain = load_base(_prepared(folder), backend, lora_slots=4, fuse=False)
+    assert len(fused.fused) == 2 * fused.model.config.num_hidden_layers and not plain.fused
+    for projection in fused.fused.values():
+        matrices = [m.kernel_weight for m in projection.members]
+        assert stackable(matrices) and projection.weight.out_features == sum(m.out_features for m in matrices)
+        for name in projection.weight.ROW_TENSORS:
+            storage = getattr(projection.weight, name).untyped_storage().data_ptr()
+            assert all(getattr(m, name).untyped_storage().data_ptr() == storage for m in matrices)
+    assert fused.weight_bytes == plain.weight_bytes
+    for got, want in zip(_logits(fused, adapters, names), _logits(plain, adapters, names)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+def test_matrices_of_different_kinds_or_groups_are_not_stacked():
+    from server.engine.native import qgemm_library
+    from server.engine.quant_native import NativeInt4, NativeInt8, fuse_rows, stackable
+    from adapters.quantized import quantize_int4, quantize_int8
+
+    lib = qgemm_library()
+    if lib is None:
+        pytest.skip("the native CPU kernels do not build here (no C++ compiler or no AVX2)")
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    int8 = quantize_int8(weight, 64)
+    int4 = quantize_int4(weight, 32)
+    a = NativeInt8(lib, int8["qweight"], int8["scales"], int8["mins"], 64)
+    b = NativeInt4(lib, int4["qweight"], int4["scales"], int4["mins"], 32)
+    coarse = quantize_int8(weight, 128)
+    c = NativeInt8(lib, coarse["qweight"], coarse["scales"], coarse["mins"], 128)
+    assert not stackable([a, b]) and not stackable([a, c]) and stackable([a, a])
+    with pytest.raises(ValueError, match="cannot share one kernel call"):
+        fuse_rows([a, b])
+    x = torch.randn(3, 128)
+    expected = torch.cat([a.matmul(x, None), a.matmul(x, None)], dim=-1)
+    second = NativeInt8(lib, int8["qweight"], int8["scales"], int8["mins"], 64)
+    fused = fuse_rows([a, second])
+    torch.testing.assert_close(fused.matmul(x, None), expected, atol=0, rtol=0)
+    torch.testing.assert_close(a.matmul(x, None), expected[:, :64], atol=0, rtol=0)  # a member alone: its rows
