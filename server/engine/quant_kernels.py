@@ -38,6 +38,7 @@ run one fp32 matmul instead (one matrix at a time: nothing stays resident).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Protocol
@@ -57,6 +58,7 @@ DEQUANT_ROWS = 256  # rows (tokens) from which a dequantize + fp32 matmul beats 
 INT4_PACK_TILES = 1  # _convert_weight_to_int4pack_for_cpu's inner_k_tiles argument (CPU ignores its value)
 INT4_MIDPOINT = 8  # torch's int4 kernels compute (q - 8) * scale + zero
 LLM_INT8_THRESHOLD = 6.0  # bitsandbytes' outlier threshold (LLM.int8 paper and HF's default)
+INT4_PACK_BLOCKS = (32, 64)  # output rows per block of torch's int4 CPU packing: 32 on AVX2, 64 on AVX-512
 
 
 class QuantMatrix(Protocol):
@@ -112,12 +114,11 @@ class PackedInt4:
     """q [N, K] in [0, 15] with one (scale, zero) per group, packed once for `_weight_int4pack_mm_for_cpu`,
     which computes x @ ((q - 8) * scale + zero).T.
 
-    The packed layout (read off `_convert_weight_to_int4pack_for_cpu` on AVX2; the start-up probe checks
-    it, see `quant_kernels_for`): blocks of BLOCK_N output rows; block b holds bytes [K, 16], byte [k, j] =
-    q[32b + j, k] | q[32b + 16 + j, k] << 4. `values` reads rows back from it (embedding lookups, long
-    prefill chunks); where the layout differs, the kernels keep q itself instead (`layout_known`)."""
-
-    BLOCK_N = 32
+    The packed layout (read off `_convert_weight_to_int4pack_for_cpu`): blocks of `block_n` output rows
+    (32 on AVX2, 64 on AVX-512: `int4_pack_block`); block b holds bytes [K, block_n / 2], byte [k, j] =
+    q[b * block_n + j, k] | q[b * block_n + block_n / 2 + j, k] << 4. `values` reads rows back from it
+    (embedding lookups, long prefill chunks); where the layout is not one of those (or `layout_known` is
+    False), q itself is kept beside it."""
 
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                  layout_known: bool) -> None:
@@ -126,7 +127,10 @@ class PackedInt4:
         self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), INT4_PACK_TILES)
         # [K / group, N, 2]: (scale, zero) as the kernel reads them
         self.scales_zeros = torch.stack((scales.float(), zeros.float()), dim=-1).transpose(0, 1).contiguous().to(KERNEL_DTYPE)
-        self.kept_q = None if layout_known else q.to(torch.uint8).contiguous()
+        self.block_n = int4_pack_block() if layout_known else None
+        if self.block_n is not None and self.out_features % self.block_n:
+            self.block_n = None
+        self.kept_q = None if self.block_n is not None else q.to(torch.uint8).contiguous()
 
     def mm(self, flat: torch.Tensor) -> torch.Tensor:  # [M, K] -> [M, N] in bf16
         return torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(KERNEL_DTYPE), self.packed, self.group_size,
@@ -139,13 +143,13 @@ class PackedInt4:
         if self.kept_q is not None:
             q = self.kept_q if flat_ids is None else self.kept_q[flat_ids]
         elif flat_ids is None:
-            blocks = self.packed.view(rows // self.BLOCK_N, cols, self.BLOCK_N // 2)
+            blocks = self.packed.view(rows // self.block_n, cols, self.block_n // 2)
             q = torch.cat((blocks & 0xF, blocks >> 4), dim=-1).transpose(1, 2).reshape(rows, cols)
         else:
-            blocks = self.packed.view(rows // self.BLOCK_N, cols, self.BLOCK_N // 2)
-            half = self.BLOCK_N // 2
-            byte = blocks[flat_ids // self.BLOCK_N, :, flat_ids % half]  # [n, K]
-            q = torch.where(((flat_ids % self.BLOCK_N) >= half)[:, None], byte >> 4, byte & 0xF)
+            blocks = self.packed.view(rows // self.block_n, cols, self.block_n // 2)
+            half = self.block_n // 2
+            byte = blocks[flat_ids // self.block_n, :, flat_ids % half]  # [n, K]
+            q = torch.where(((flat_ids % self.block_n) >= half)[:, None], byte >> 4, byte & 0xF)
         sz = self.scales_zeros.float()  # [K / g, N, 2]
         if flat_ids is not None:
             sz = sz[:, flat_ids]
@@ -158,6 +162,23 @@ class PackedInt4:
     def nbytes(self) -> int:
         kept = 0 if self.kept_q is None else self.kept_q.numel()
         return self.packed.numel() + self.scales_zeros.numel() * self.scales_zeros.element_size() + kept
+
+
+@functools.cache
+def int4_pack_block() -> int | None:
+    """The output rows per block of `_convert_weight_to_int4pack_for_cpu` on this CPU (it follows the
+    vector width torch dispatches to), read off a packed probe; None if no known layout matches."""
+    rows = max(INT4_PACK_BLOCKS) * 2
+    q = torch.arange(rows * 16, dtype=torch.int32).view(rows, 16) % 16
+    q = (q + torch.arange(rows, dtype=torch.int32)[:, None]) % 16  # rows differ, so a wrong order shows
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, INT4_PACK_TILES)
+    for block in INT4_PACK_BLOCKS:
+        if packed.numel() != rows * 16 // 2:
+            break
+        blocks = packed.view(rows // block, 16, block // 2)
+        if torch.equal(torch.cat((blocks & 0xF, blocks >> 4), dim=-1).transpose(1, 2).reshape(rows, 16).int(), q):
+            return block
+    return None
 
 
 class _GroupKernel(QuantMatrix):
