@@ -5,6 +5,7 @@ decode steps of the two bases alternate, so machine noise hits both alike. Print
     python benchmarks/bench_fused.py                   # fp32, 8 rows, base only
     python benchmarks/bench_fused.py --mixed           # each row on its own rank-16 adapter (q,k,v,o)
     python benchmarks/bench_fused.py --dtype bfloat16 --rows 1
+    python benchmarks/bench_fused.py --quant int8 --rows 1   # a quantized base (native kernels stacked)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_multi_adapter import random_adapters  # noqa: E402
 
 from adapters import resolve_base  # noqa: E402
-from server.engine.backend import Backend  # noqa: E402
+from server.engine.backend import choose_backend  # noqa: E402
 from server.engine.base_model import load_base  # noqa: E402
 from server.engine.batch_runner import BatchRunner, RowInput  # noqa: E402
 
@@ -36,12 +37,13 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--mixed", action="store_true")
+    p.add_argument("--quant", default="none", choices=["none", "int8", "int4"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", default=os.environ.get("LORAPLEX_CACHE", str(Path.home() / ".cache" / "loraplex")))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     prepared = resolve_base(args.base, Path(args.cache_dir))
-    backend = Backend(torch.device("cpu"), getattr(torch, args.dtype))
+    backend = choose_backend("cpu", args.dtype, args.quant)
     systems = {}
     for name, fuse in (("fused", True), ("unfused", False)):
         base = load_base(prepared, backend, fuse=fuse)
@@ -57,7 +59,7 @@ def main() -> None:
             runner.forward([RowInput(i, position, [position], adapters[i]) for i in range(args.rows)])
             if step >= 5:  # warm-up
                 times[name].append(time.perf_counter() - started)
-    summary = {"dtype": args.dtype, "rows": args.rows, "mixed": args.mixed}
+    summary = {"dtype": args.dtype, "quant": args.quant, "rows": args.rows, "mixed": args.mixed}
     for name, values in times.items():
         values.sort()
         summary[f"{name}_median_ms"] = round(values[len(values) // 2] * 1e3, 1)

@@ -18,7 +18,6 @@ from adapters.quantized import unpack_int4
 from server.engine.native import QGemmLibrary
 
 DEQUANT_ROWS = 64  # rows (tokens) from which dequantize + fp32 matmul beats the native kernels
-INT4_BLOCK = 32  # weights per packed int4 block: byte j holds k = j (low nibble) and k = j + 16 (high)
 
 
 def _fp32_rows(x: torch.Tensor) -> torch.Tensor:
@@ -26,11 +25,30 @@ def _fp32_rows(x: torch.Tensor) -> torch.Tensor:
     return flat if flat.dtype == torch.float32 and flat.is_contiguous() else flat.float().contiguous()
 
 
+def to_blocks(t: torch.Tensor, width: int) -> torch.Tensor:
+    """[N, C] -> [ceil(N / width), C, width]: rows in blocks of `width`, interleaved along C, zero-padded
+    (qgemm.cpp's row-block layout: one vector load reads `width` rows' values at one column)."""
+    rows, cols = t.shape
+    padded = -(-rows // width) * width
+    if padded != rows:
+        t = torch.cat([t, t.new_zeros(padded - rows, cols)])
+    return t.reshape(padded // width, width, cols).transpose(1, 2).contiguous()
+
+
+def from_blocks(blocks: torch.Tensor, rows: int, ids: torch.Tensor | None) -> torch.Tensor:
+    """`to_blocks` undone: rows `ids` ([n, C]), or all `rows` of them ([rows, C])."""
+    width = blocks.shape[-1]
+    if ids is None:
+        return blocks.transpose(1, 2).reshape(-1, blocks.shape[1])[:rows]
+    return blocks[ids // width, :, ids % width]
+
+
 class _NativeMatrix:
     """A quant_kernels.QuantMatrix (structurally) whose small-row products run in qgemm.cpp.
 
-    Every kind stores its tensors row-major by output row ([N, ...]): `ROW_TENSORS` names them, and rows
-    lo:hi of the matrix are those tensors' rows lo:hi (what `fuse_rows` relies on)."""
+    Every kind stores its tensors in blocks of `lib.vector_width` output rows (to_blocks), leading
+    dimension first: `ROW_TENSORS` names them, and rows lo:hi of the matrix, for lo and hi whole blocks,
+    are a contiguous slice of each (what `fuse_rows` relies on)."""
 
     ROW_TENSORS: tuple[str, ...]
     out_features: int
@@ -64,9 +82,13 @@ class _NativeMatrix:
     def _values(self, ids: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in self.ROW_TENSORS)
+
 
 class NativeInt8(_NativeMatrix):
-    """w = q * scale + min per group along K; q uint8 [N, K], scales / mins fp32 [N, K / group]."""
+    """w = q * scale + min per group along K; q uint8 [N, K], scales / mins fp32 [N, K / group], held in
+    row blocks."""
 
     ROW_TENSORS = ("qweight", "scales", "mins")
 
@@ -74,27 +96,24 @@ class NativeInt8(_NativeMatrix):
                  group_size: int, dequant_rows: int = DEQUANT_ROWS) -> None:
         self.lib, self.group_size, self.dequant_rows = lib, group_size, dequant_rows
         self.out_features, self.in_features = qweight.shape
-        self.qweight = qweight.to(torch.uint8).contiguous()
-        self.scales = scales.float().contiguous()
-        self.mins = mins.float().contiguous()
+        width = lib.vector_width
+        self.qweight = to_blocks(qweight.to(torch.uint8), width)
+        self.scales = to_blocks(scales.float(), width)
+        self.mins = to_blocks(mins.float(), width)
 
     def _gemm(self, x: torch.Tensor, out: torch.Tensor) -> None:
         self.lib.gemm_u8g(x, self.qweight, self.scales, self.mins, self.group_size, out)
 
     def _values(self, ids: torch.Tensor | None) -> torch.Tensor:
-        q, scales, mins = (self.qweight, self.scales, self.mins) if ids is None else \
-            (self.qweight[ids], self.scales[ids], self.mins[ids])
+        q, scales, mins = (from_blocks(t, self.out_features, ids) for t in (self.qweight, self.scales, self.mins))
         n, groups = q.shape[0], self.in_features // self.group_size
-        w = q.view(n, groups, self.group_size).float() * scales[..., None] + mins[..., None]
+        w = q.reshape(n, groups, self.group_size).float() * scales[..., None] + mins[..., None]
         return w.view(n, self.in_features)
-
-    def nbytes(self) -> int:
-        return self.qweight.numel() + 4 * (self.scales.numel() + self.mins.numel())
 
 
 class NativeInt4(_NativeMatrix):
-    """w = q * scale + min per group along K, q in [0, 15] repacked in blocks of INT4_BLOCK (see
-    qgemm.cpp); scales / mins held fp16 (the kernel widens them with F16C)."""
+    """w = q * scale + min per group along K, q in [0, 15]: two of them a byte (k = 2p low, 2p + 1 high),
+    held in row blocks; scales / mins held fp16 (the kernel widens them with F16C)."""
 
     ROW_TENSORS = ("packed", "scales", "mins")
 
@@ -103,28 +122,24 @@ class NativeInt4(_NativeMatrix):
         self.lib, self.group_size, self.dequant_rows = lib, group_size, dequant_rows
         q = unpack_int4(qweight)
         self.out_features, self.in_features = q.shape
-        blocks = q.view(self.out_features, self.in_features // INT4_BLOCK, 2, INT4_BLOCK // 2)
-        self.packed = (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(self.out_features, -1).contiguous()
-        self.scales = scales.to(torch.float16).contiguous()
-        self.mins = mins.to(torch.float16).contiguous()
+        width = lib.vector_width
+        self.packed = to_blocks((q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8), width)
+        self.scales = to_blocks(scales.to(torch.float16), width)
+        self.mins = to_blocks(mins.to(torch.float16), width)
 
     def _gemm(self, x: torch.Tensor, out: torch.Tensor) -> None:
         self.lib.gemm_u4g(x, self.packed, self.scales, self.mins, self.group_size, out)
 
     def _values(self, ids: torch.Tensor | None) -> torch.Tensor:
-        packed, scales, mins = (self.packed, self.scales, self.mins) if ids is None else \
-            (self.packed[ids], self.scales[ids], self.mins[ids])
+        packed, scales, mins = (from_blocks(t, self.out_features, ids) for t in (self.packed, self.scales, self.mins))
         n, groups = packed.shape[0], self.in_features // self.group_size
-        blocks = packed.view(n, self.in_features // INT4_BLOCK, INT4_BLOCK // 2)
-        q = torch.stack((blocks & 0xF, blocks >> 4), dim=2).view(n, groups, self.group_size).float()
+        q = torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(n, groups, self.group_size).float()
         return (q * scales.float()[..., None] + mins.float()[..., None]).view(n, self.in_features)
-
-    def nbytes(self) -> int:
-        return self.packed.numel() + 2 * (self.scales.numel() + self.mins.numel())
 
 
 class NativeInt8Channel(_NativeMatrix):
-    """w = q * scale[n]; q int8 [N, K] in [-127, 127], one fp32 scale per output row."""
+    """w = q * scale[n]; q int8 [N, K] in [-127, 127] held in row blocks, one fp32 scale per output row
+    (padded to whole blocks)."""
 
     ROW_TENSORS = ("qweight", "scales")
 
@@ -132,37 +147,36 @@ class NativeInt8Channel(_NativeMatrix):
                  dequant_rows: int = DEQUANT_ROWS) -> None:
         self.lib, self.dequant_rows = lib, dequant_rows
         self.out_features, self.in_features = qweight.shape
-        self.qweight = qweight.to(torch.int8).contiguous()
-        self.scales = scales.float().contiguous()
+        width = lib.vector_width
+        self.qweight = to_blocks(qweight.to(torch.int8), width)
+        self.scales = to_blocks(scales.float()[:, None], width).reshape(-1)
 
     def _gemm(self, x: torch.Tensor, out: torch.Tensor) -> None:
         self.lib.gemm_i8c(x, self.qweight, self.scales, out)
 
     def _values(self, ids: torch.Tensor | None) -> torch.Tensor:
-        q, scales = (self.qweight, self.scales) if ids is None else (self.qweight[ids], self.scales[ids])
+        q = from_blocks(self.qweight, self.out_features, ids)
+        scales = self.scales[: self.out_features] if ids is None else self.scales[ids]
         return q.float() * scales[:, None]
-
-    def nbytes(self) -> int:
-        return self.qweight.numel() + 4 * self.scales.numel()
 
 
 def native_shape_fits(kind: str, shape: tuple[int, int], group_size: int) -> bool:
-    """Whether the native kernels take a matrix of this kind and shape (K in whole 8-weight chunks,
-    int4 groups in whole packed blocks); the others stay on torch's kernels."""
+    """Whether the native kernels take a matrix of this kind and shape (K in whole groups of an even
+    size); the others stay on torch's kernels."""
     _, cols = shape
     if kind == "int4":
-        return group_size % INT4_BLOCK == 0 and cols % group_size == 0
+        return group_size % 2 == 0 and cols % group_size == 0
     if kind == "int8":
-        return group_size % 8 == 0 and cols % group_size == 0
-    return cols % 8 == 0
+        return group_size % 2 == 0 and cols % group_size == 0
+    return True
 
 
 def stackable(matrices: list) -> bool:
     """Whether `matrices` can share one kernel call stacked by output row: all native, of one kind, input
-    width and group size."""
+    width and group size, each a whole number of row blocks."""
     first = matrices[0]
     return isinstance(first, _NativeMatrix) and all(
-        type(m) is type(first) and m.in_features == first.in_features
+        type(m) is type(first) and m.in_features == first.in_features and m.out_features % m.lib.vector_width == 0
         and getattr(m, "group_size", None) == getattr(first, "group_size", None) for m in matrices)
 
 
@@ -180,6 +194,8 @@ def fuse_rows(matrices: list[_NativeMatrix]) -> _NativeMatrix:
     start = 0
     for member in matrices:
         for name in first.ROW_TENSORS:
-            setattr(member, name, getattr(fused, name)[start:start + member.out_features])  # contiguous rows
+            tensor = getattr(fused, name)
+            per = fused.out_features // tensor.shape[0]  # rows per leading entry: a block's, or 1
+            setattr(member, name, tensor[start // per:(start + member.out_features) // per])  # contiguous
         start += member.out_features
     return fused

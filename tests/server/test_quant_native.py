@@ -26,14 +26,26 @@ def _native_expected() -> bool:
     return platform.machine() in ("x86_64", "AMD64") and has_isa and bool(shutil.which("c++") or shutil.which("g++"))
 
 
-@pytest.fixture(scope="module")
-def lib():
+def _has_avx512() -> bool:
+    return Path("/proc/cpuinfo").exists() and " avx512f" in Path("/proc/cpuinfo").read_text()
+
+
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def lib(request):
+    """The build this machine serves with, and (where that is the AVX-512 form) the AVX2 form beside it."""
     library = qgemm_library()
     if library is None:
         if _native_expected():
             pytest.fail("the native kernels did not build on a machine that has everything they need (see the log)")
         pytest.skip("no AVX2 x86-64 CPU or no C++ compiler: the torch kernels serve instead")
-    return library
+    if request.param == "native":
+        assert library.vector_width == (16 if _has_avx512() else 8)
+        return library
+    if library.vector_width == 8:
+        pytest.skip("this machine's build is the AVX2 form already (the 'native' cases)")
+    avx2 = qgemm_library(force_avx2=True)
+    assert avx2 is not None and avx2.vector_width == 8
+    return avx2
 
 
 def _make(kind: str, lib, weight: torch.Tensor, group: int):
@@ -102,11 +114,17 @@ def test_threads_split_the_rows_without_changing_the_result(lib):
 
 
 def test_shapes_the_kernels_do_not_take_stay_on_torch(lib):
-    assert native_shape_fits("int4", (64, 128), 32) and not native_shape_fits("int4", (64, 128), 16)
-    assert not native_shape_fits("int8_channel", (64, 100), 0)
-    weight = torch.randn(64, 100)
-    kernels = QuantKernels("int8", "native")
-    assert type(kernels.from_checkpoint("int8_channel", quantize_int8_channel(weight), 32)).__name__ == "TorchInt8Channel"
+    """The row-block kernels step one k at a time: any K in whole groups (int4 groups in whole bytes) and
+    any N (padded to whole blocks) is native; a K that groups do not divide stays on torch's kernels."""
+    assert native_shape_fits("int4", (64, 128), 32) and native_shape_fits("int8_channel", (45, 100), 0)
+    assert not native_shape_fits("int4", (64, 100), 32) and not native_shape_fits("int8", (64, 100), 64)
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(45, 100, generator=generator)
+    matrix = NativeInt8Channel(lib, **quantize_int8_channel(weight))
+    reference = dequantize("int8_channel", quantize_int8_channel(weight))
+    for rows in (1, 5, 8, 11):
+        x = torch.randn(rows, 100, generator=generator)
+        assert _relative_error(matrix.matmul(x, None), x.double() @ reference.double().t()) < FP32_TOLERANCE
 
 
 def test_cpu_int8_and_int4_choose_the_native_kernels(lib):

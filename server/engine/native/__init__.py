@@ -24,7 +24,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qgemm.cpp")
-ABI_VERSION = 1
+ABI_VERSION = 2
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 COMPILE_TIMEOUT_S = 120
 
@@ -46,19 +46,20 @@ class QGemmLibrary:
 
     lib: ctypes.CDLL
     compiler: str
+    vector_width: int  # floats per vector the kernels were built for: 8 (AVX2) or 16 (AVX-512)
 
     def gemm_u8g(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int,
                  out: torch.Tensor) -> None:
         self.lib.lp_gemm_u8g(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(), scales.data_ptr(), mins.data_ptr(),
-                             q.shape[0], group, out.data_ptr(), torch.get_num_threads())
+                             out.shape[1], group, out.data_ptr(), torch.get_num_threads())
 
     def gemm_u4g(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, group: int,
                  out: torch.Tensor) -> None:
         self.lib.lp_gemm_u4g(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(), scales.data_ptr(), mins.data_ptr(),
-                             q.shape[0], group, out.data_ptr(), torch.get_num_threads())
+                             out.shape[1], group, out.data_ptr(), torch.get_num_threads())
 
     def gemm_i8c(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
-        self.lib.lp_gemm_i8c(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(), scales.data_ptr(), q.shape[0],
+        self.lib.lp_gemm_i8c(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(), scales.data_ptr(), out.shape[1],
                              out.data_ptr(), torch.get_num_threads())
 
 
@@ -69,9 +70,9 @@ def _compiler() -> str:
     return cxx
 
 
-def _build(cxx: str, folder: Path) -> Path:
+def _build(cxx: str, folder: Path, force_avx2: bool) -> Path:
     target = folder / "qgemm.so"
-    cmd = [cxx, *CXX_FLAGS, "-o", str(target), str(SOURCE)]
+    cmd = [cxx, *CXX_FLAGS, *(("-DLP_FORCE_AVX2",) if force_avx2 else ()), "-o", str(target), str(SOURCE)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -89,16 +90,17 @@ def _load(path: Path, cxx: str) -> QGemmLibrary:
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
-    return QGemmLibrary(lib, cxx)
+    return QGemmLibrary(lib, cxx, lib.lp_vector_width())
 
 
 @functools.cache
-def qgemm_library() -> QGemmLibrary | None:
-    """The kernels for this machine, built on first use; None (logged once) where they cannot be."""
+def qgemm_library(force_avx2: bool = False) -> QGemmLibrary | None:
+    """The kernels for this machine, built on first use; None (logged once) where they cannot be.
+    `force_avx2`: the AVX2 form even where the machine has AVX-512 (tests check both forms)."""
     try:
         cxx = _compiler()
         with tempfile.TemporaryDirectory(prefix="loraplex-native-") as tmp:
-            library = _load(_build(cxx, Path(tmp)), cxx)  # the mapping outlives the file
+            library = _load(_build(cxx, Path(tmp), force_avx2), cxx)  # the mapping outlives the file
     except (NativeBuildError, OSError) as exc:
         log.warning("native CPU quantization kernels unavailable (%s): using torch's", exc)
         return None

@@ -1,24 +1,27 @@
-// Weight-only quantized matrix products for small row counts (decode steps) on x86 CPUs with AVX2.
+// Weight-only quantized matrix products for small row counts (decode steps) on x86 CPUs with AVX2
+// (W = 8 floats a vector) or AVX-512 (W = 16), whichever the compiler is told the machine has
+// (-march=native; LP_FORCE_AVX2 builds the AVX2 form anywhere, and the tests check both).
 //
 //   out[m, n] = sum_k x[m, k] * w[n, k]        x fp32 [M, K] row-major, out fp32 [M, N] row-major
 //
-// w is never materialised: each kernel widens eight quantized weights at a time to fp32 in registers,
-// scales them, and uses them for every row of x before moving on, so a weight byte is read from memory
-// once per call whatever M is. Activations stay fp32 (torch's int kernels want bf16 ones, which costs
-// greedy agreement); accumulation is fp32.
+// The weights are stored in blocks of W output rows, interleaved along k ("row blocks"): block b holds,
+// for every k, the W weights w[bW .. bW + W - 1, k] side by side. One vector load and widen gives the
+// weights of W outputs at one k; each row of x multiplies it by x[m, k] broadcast and accumulates into
+// its own vector of W outputs. So a vector lane never needs a horizontal sum (the row-major layout this
+// replaced spent about half of an 8-row product summing lanes and adding group offsets one output at a
+// time), and a weight byte is read from memory once per call whatever M is. Activations stay fp32
+// (torch's int kernels want bf16 ones, which costs greedy agreement); accumulation is fp32.
 //
-//   u8g  q uint8 [N, K], scale/min fp32 [N, K / G]     w = q * scale + min           (G % 8 == 0)
-//   u4g  q uint8 [N, K / 2] in blocks of 32 weights:   w = q * scale + min           (G % 32 == 0)
-//        byte j of block b holds k = 32b + j (low nibble) and k = 32b + 16 + j (high nibble);
-//        scale/min fp16 [N, K / G] (fp16 rounds a scale to 1 part in 2,048, far inside one step)
-//   i8c  q int8 [N, K], scale fp32 [N]                 w = q * scale[n]              (K % 8 == 0)
+//   u8g  q uint8 [N/W, K, W], scale/min fp32 [N/W, K/G, W]      w = q * scale + min    (G even)
+//   u4g  q uint8 [N/W, K/2, W]: byte (b, p, j) holds k = 2p (low nibble) and k = 2p + 1 (high nibble)
+//        of row bW + j; scale/min fp16 [N/W, K/G, W] (fp16 rounds a scale to 1 part in 2,048, far inside
+//        one step)                                              w = q * scale + min
+//   i8c  q int8 [N/W, K, W], scale fp32 [N]                     w = q * scale[n]
 //
-// The group offsets never enter the inner loop: sum_k x_k (q_k s + min) = s sum_k x_k q_k + min sum_k x_k,
-// and the per-group sums of x are computed once per call. Register blocking: MB rows of x by NB rows of
-// w, MB * NB accumulators, chosen so that accumulators, scales and one widened weight vector per row of
-// w fit the 16 ymm registers (a single accumulator at M = 1 would wait on the FMA latency). Rows of w are
-// split across OpenMP threads; the library is linked against the libgomp torch has already loaded (same
-// soname), so it shares torch's thread pool instead of starting a second one.
+// N is padded to whole blocks (zero weights; the padded outputs are never written). The group offsets
+// never enter the inner loop: sum_k x_k (q_k s + min) = sum_k x_k (q_k s) + min sum_k x_k, and the
+// per-group sums of x are computed once per call. Row blocks are split across OpenMP threads; the library
+// is linked against the libgomp torch has already loaded (same soname), so it shares torch's thread pool.
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
@@ -29,137 +32,149 @@
 
 namespace {
 
-LP_INLINE float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+#if defined(__AVX512F__) && !defined(LP_FORCE_AVX2)
+constexpr int W = 16;  // floats per vector, rows per block
+using vf = __m512;
+LP_INLINE vf vzero() { return _mm512_setzero_ps(); }
+LP_INLINE vf vset1(float s) { return _mm512_set1_ps(s); }
+LP_INLINE vf vload(const float* p) { return _mm512_loadu_ps(p); }
+LP_INLINE void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+LP_INLINE vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+LP_INLINE vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+LP_INLINE vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+LP_INLINE __m128i load_w(const void* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }  // W bytes
+LP_INLINE vf bytes_u8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+LP_INLINE vf bytes_i8(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); }
+LP_INLINE vf halves(const uint16_t* p) {  // W fp16 values -> W floats
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+#else
+constexpr int W = 8;
+using vf = __m256;
+LP_INLINE vf vzero() { return _mm256_setzero_ps(); }
+LP_INLINE vf vset1(float s) { return _mm256_set1_ps(s); }
+LP_INLINE vf vload(const float* p) { return _mm256_loadu_ps(p); }
+LP_INLINE void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+LP_INLINE vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+LP_INLINE vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+LP_INLINE vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+LP_INLINE __m128i load_w(const void* p) { return _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)); }  // W bytes
+LP_INLINE vf bytes_u8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b)); }
+LP_INLINE vf bytes_i8(__m128i b) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)); }
+LP_INLINE vf halves(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+#endif
+
+LP_INLINE __m128i low_nibbles(__m128i b) { return _mm_and_si128(b, _mm_set1_epi8(0x0F)); }
+LP_INLINE __m128i high_nibbles(__m128i b) { return _mm_and_si128(_mm_srli_epi16(b, 4), _mm_set1_epi8(0x0F)); }
+
+// One row block's outputs for MB rows of x: acc[0][i] (+ acc[1][i]) holds out[m0 + i, bW .. bW + W - 1].
+// With one or two rows there are too few independent FMA chains to hide the FMA latency, so even and odd
+// k accumulate apart (SPLIT) and are added at the end; with more rows the rows are the chains.
+template <int MB>
+constexpr int SPLIT = MB <= 2 ? 2 : 1;
+
+struct Rows {
+  const float* x; const float* xsum; int64_t K, groups;
+};
+
+template <int MB>
+LP_INLINE void zero(vf (&acc)[MB]) {
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) acc[i] = vzero();
 }
 
-LP_INLINE __m256 widen_u8(const uint8_t* p) {  // 8 bytes -> 8 floats
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+// acc[i] += w * x[i, k]
+template <int MB>
+LP_INLINE void fma_rows(vf (&acc)[MB], vf w, const Rows& r, int64_t k) {
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) acc[i] = vfma(w, vset1(r.x[i * r.K + k]), acc[i]);
 }
 
-LP_INLINE __m256 widen_i8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-// 8 nibbles -> 8 floats: the low (shift 0) or high (shift 4) nibbles of the 8 bytes at p
-LP_INLINE __m256 widen_u4(const uint8_t* p, int shift) {
-  __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  b = _mm_and_si128(_mm_srli_epi16(b, shift), _mm_set1_epi8(0x0F));
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(b));
-}
-
-template <int MB, int NB>
-LP_INLINE void fma_rows(__m256 (&acc)[MB][NB], const __m256 (&w)[NB], const float* x, int64_t K, int64_t k) {
-#pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i) {
-    const __m256 xv = _mm256_loadu_ps(x + i * K + k);
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_fmadd_ps(w[j], xv, acc[i][j]);
+// acc[i] += sum_g min[g] * xsum[i, g]: the group offsets, W outputs at a time; `mins(g)` loads W of them
+template <int MB, class Mins>
+LP_INLINE void add_offsets(vf (&acc)[MB], const Rows& r, Mins&& mins) {
+  for (int64_t g = 0; g < r.groups; ++g) {
+    const vf mn = mins(g);
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i) acc[i] = vfma(mn, vset1(r.xsum[i * r.groups + g]), acc[i]);
   }
 }
 
-template <int MB, int NB>
-LP_INLINE void zero(__m256 (&acc)[MB][NB]) {
-#pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm256_setzero_ps();
-}
-
-// What every kind's block needs: x and out at the block's first row, the per-group sums of x.
-struct Rows {
-  const float* x; const float* xsum; float* out; int64_t K, N, groups;
-};
-
-// out = sum(acc) + sum_g min[n, g] * xsum[m, g], the group offsets folded out of the inner loop;
-// `min_of(n, g)` reads one offset in the kind's own storage
-template <int MB, int NB, class MinOf>
-LP_INLINE void finish_with_offsets(const __m256 (&acc)[MB][NB], const Rows& r, int64_t n0, MinOf&& min_of) {
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) {
-      float offset = 0.f;
-      for (int64_t g = 0; g < r.groups; ++g) offset += min_of(n0 + j, g) * r.xsum[i * r.groups + g];
-      r.out[i * r.N + n0 + j] = hsum(acc[i][j]) + offset;
-    }
-}
-
-struct U8g {
+struct U8g {  // G even
   const uint8_t* q; const float* scale; const float* mins; int64_t G;
-  template <int MB, int NB>
-  LP_INLINE void block(const Rows& r, int64_t n0) const {
-    __m256 acc[MB][NB];
-    zero(acc);
+  template <int MB>
+  LP_INLINE void block(vf (&acc)[SPLIT<MB>][MB], const Rows& r, int64_t b) const {
+    const uint8_t* qb = q + b * r.K * W;
+    const float* sb = scale + b * r.groups * W;
     for (int64_t g = 0; g < r.groups; ++g) {
-      __m256 s[NB];
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) s[j] = _mm256_broadcast_ss(scale + (n0 + j) * r.groups + g);
-      for (int64_t k = g * G; k < (g + 1) * G; k += 8) {
-        __m256 w[NB];
-#pragma GCC unroll 8
-        for (int j = 0; j < NB; ++j) w[j] = _mm256_mul_ps(widen_u8(q + (n0 + j) * r.K + k), s[j]);
-        fma_rows<MB, NB>(acc, w, r.x, r.K, k);
+      const vf s = vload(sb + g * W);
+      for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+        fma_rows<MB>(acc[0], vmul(bytes_u8(load_w(qb + k * W)), s), r, k);
+        fma_rows<MB>(acc[SPLIT<MB> - 1], vmul(bytes_u8(load_w(qb + (k + 1) * W)), s), r, k + 1);
       }
     }
-    finish_with_offsets(acc, r, n0, [&](int64_t n, int64_t g) { return mins[n * r.groups + g]; });
+    const float* mb = mins + b * r.groups * W;
+    add_offsets<MB>(acc[0], r, [&](int64_t g) { return vload(mb + g * W); });
   }
 };
 
 struct U4g {
   const uint8_t* q; const uint16_t* scale; const uint16_t* mins; int64_t G;
-  template <int MB, int NB>
-  LP_INLINE void block(const Rows& r, int64_t n0) const {
-    __m256 acc[MB][NB];
-    zero(acc);
-    const int64_t row_bytes = r.K / 2;
+  template <int MB>
+  LP_INLINE void block(vf (&acc)[SPLIT<MB>][MB], const Rows& r, int64_t b) const {
+    const uint8_t* qb = q + b * (r.K / 2) * W;
+    const uint16_t* sb = scale + b * r.groups * W;
     for (int64_t g = 0; g < r.groups; ++g) {
-      __m256 s[NB];
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) s[j] = _mm256_set1_ps(_cvtsh_ss(scale[(n0 + j) * r.groups + g]));
-      for (int64_t k = g * G; k < (g + 1) * G; k += 32) {
-        const uint8_t* block_bytes = q + k / 2;
-#pragma GCC unroll 4
-        for (int lane = 0; lane < 4; ++lane) {  // k .. k+7, k+8 .. k+15 (low nibbles), then the high ones
-          __m256 w[NB];
-#pragma GCC unroll 8
-          for (int j = 0; j < NB; ++j)
-            w[j] = _mm256_mul_ps(widen_u4(block_bytes + (n0 + j) * row_bytes + (lane & 1) * 8, (lane >> 1) * 4), s[j]);
-          fma_rows<MB, NB>(acc, w, r.x, r.K, k + lane * 8);
-        }
+      const vf s = halves(sb + g * W);
+      for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+        const __m128i bytes = load_w(qb + (k / 2) * W);
+        fma_rows<MB>(acc[0], vmul(bytes_u8(low_nibbles(bytes)), s), r, k);
+        fma_rows<MB>(acc[SPLIT<MB> - 1], vmul(bytes_u8(high_nibbles(bytes)), s), r, k + 1);
       }
     }
-    finish_with_offsets(acc, r, n0, [&](int64_t n, int64_t g) { return _cvtsh_ss(mins[n * r.groups + g]); });
+    const uint16_t* mb = mins + b * r.groups * W;
+    add_offsets<MB>(acc[0], r, [&](int64_t g) { return halves(mb + g * W); });
   }
 };
 
 struct I8c {
   const int8_t* q; const float* scale;
-  template <int MB, int NB>
-  LP_INLINE void block(const Rows& r, int64_t n0) const {
-    __m256 acc[MB][NB];
-    zero(acc);
-    for (int64_t k = 0; k < r.K; k += 8) {
-      __m256 w[NB];
-#pragma GCC unroll 8
-      for (int j = 0; j < NB; ++j) w[j] = widen_i8(q + (n0 + j) * r.K + k);
-      fma_rows<MB, NB>(acc, w, r.x, r.K, k);
+  template <int MB>
+  LP_INLINE void block(vf (&acc)[SPLIT<MB>][MB], const Rows& r, int64_t b) const {
+    const int8_t* qb = q + b * r.K * W;
+    int64_t k = 0;
+    for (; k + 2 <= r.K; k += 2) {
+      fma_rows<MB>(acc[0], bytes_i8(load_w(qb + k * W)), r, k);
+      fma_rows<MB>(acc[SPLIT<MB> - 1], bytes_i8(load_w(qb + (k + 1) * W)), r, k + 1);
     }
-    for (int i = 0; i < MB; ++i)
-      for (int j = 0; j < NB; ++j) r.out[i * r.N + n0 + j] = hsum(acc[i][j]) * scale[n0 + j];
+    if (k < r.K) fma_rows<MB>(acc[0], bytes_i8(load_w(qb + k * W)), r, k);
+    const vf s = vload(scale + b * W);  // scale is padded to whole blocks too
+#pragma GCC unroll 16
+    for (int j = 0; j < SPLIT<MB>; ++j)
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i) acc[j][i] = vmul(acc[j][i], s);
   }
 };
 
-// Columns n0 .. n1 of rows starting at r: blocks of NB, the last N % NB one at a time.
-template <int MB, int NB, class Kind>
-void columns(const Kind& kind, const Rows& r, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) kind.template block<MB, NB>(r, n);
-  for (; n < n1; ++n) kind.template block<MB, 1>(r, n);
+// Rows m0 .. m0 + MB - 1 of out for row block b (its first `valid` outputs: the last block may be short).
+template <int MB, class Kind>
+LP_INLINE void rows_block(const Kind& kind, const float* x, const float* xsum, int64_t K, int64_t groups, float* out,
+                          int64_t N, int64_t b, int64_t valid) {
+  vf acc[SPLIT<MB>][MB];
+  for (int j = 0; j < SPLIT<MB>; ++j) zero(acc[j]);
+  kind.template block<MB>(acc, Rows{x, xsum, K, groups}, b);
+  for (int i = 0; i < MB; ++i) {
+    const vf sum = SPLIT<MB> == 2 ? vadd(acc[0][i], acc[SPLIT<MB> - 1][i]) : acc[0][i];
+    float* dst = out + i * N + b * W;
+    if (valid == W) {
+      vstore(dst, sum);
+    } else {
+      alignas(64) float tmp[W];
+      vstore(tmp, sum);
+      for (int64_t j = 0; j < valid; ++j) dst[j] = tmp[j];
+    }
+  }
 }
-
-constexpr int64_t COLUMN_CHUNK = 16;  // output rows per OpenMP work item (a multiple of every NB)
 
 // groups: of x's K for the offset sums (1 where the kind has none)
 template <class Kind>
@@ -172,16 +187,16 @@ void gemm(const Kind& kind, const float* x, int64_t M, int64_t K, int64_t N, int
       for (int64_t k = g * group; k < (g + 1) * group; ++k) s += x[m * K + k];
       xsum[m * groups + g] = s;
     }
-  const int64_t chunks = (N + COLUMN_CHUNK - 1) / COLUMN_CHUNK;
+  const int64_t blocks = (N + W - 1) / W;
 #pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t n0 = c * COLUMN_CHUNK, n1 = n0 + COLUMN_CHUNK < N ? n0 + COLUMN_CHUNK : N;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t valid = N - b * W < W ? N - b * W : W;
     int64_t m = 0;
-    auto rows = [&](int64_t m0) { return Rows{x + m0 * K, xsum.data() + m0 * groups, out + m0 * N, K, N, groups}; };
-    for (; m + 8 <= M; m += 8) columns<8, 1>(kind, rows(m), n0, n1);
-    if (m + 4 <= M) { columns<4, 2>(kind, rows(m), n0, n1); m += 4; }
-    if (m + 2 <= M) { columns<2, 2>(kind, rows(m), n0, n1); m += 2; }
-    if (m < M) columns<1, 4>(kind, rows(m), n0, n1);
+    // 8 rows at a time: 8 accumulators, the widened weights and a broadcast x fit 16 ymm registers
+    for (; m + 8 <= M; m += 8) rows_block<8>(kind, x + m * K, xsum.data() + m * groups, K, groups, out + m * N, N, b, valid);
+    if (m + 4 <= M) { rows_block<4>(kind, x + m * K, xsum.data() + m * groups, K, groups, out + m * N, N, b, valid); m += 4; }
+    if (m + 2 <= M) { rows_block<2>(kind, x + m * K, xsum.data() + m * groups, K, groups, out + m * N, N, b, valid); m += 2; }
+    if (m < M) rows_block<1>(kind, x + m * K, xsum.data() + m * groups, K, groups, out + m * N, N, b, valid);
   }
 }
 
@@ -189,7 +204,9 @@ void gemm(const Kind& kind, const float* x, int64_t M, int64_t K, int64_t N, int
 
 extern "C" {
 
-int lp_abi_version() { return 1; }
+int lp_abi_version() { return 2; }
+
+int lp_vector_width() { return W; }
 
 void lp_gemm_u8g(const float* x, int64_t M, int64_t K, const uint8_t* q, const float* scale, const float* mins,
                  int64_t N, int64_t G, float* out, int threads) {
