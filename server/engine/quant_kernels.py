@@ -19,15 +19,17 @@ Which kernel serves which mode is decided once, by `quant_kernels_for(device, qu
     CUDA int8  bitsandbytes LLM.int8 (`Linear8bitLt`)
          int4 / nf4  bitsandbytes NF4, double quantization; fp4 bitsandbytes FP4
 
-Why the native kernels on CPU (this project's 2-core AVX2 machine, Zen 1 at about 2 GHz, quiet, the
-sweep `python benchmarks/bench_quant.py --kernels`, one pass over all 211 of SmolLM2-135M's weight
-matrices, at 1 / 8 rows of x): fp32 (oneDNN, packed) 44 / 64-73 ms, bf16 F.linear 59 / 244 ms, torch's
-int4 kernel 31 / 88-121 ms and its two-halves int8 91 / 181 ms (both fed bf16 activations), native
-int8 26-34 / 65-68 ms, native int4 31-33 / 77-81 ms (fp32 activations). The torch kernels need bf16
-activations (with fp32 ones they fall to a scalar path), which cost about one point of greedy
-agreement; the native ones read fp32 activations and widen the weights in registers, so they are
-both faster and exact to fp32 rounding. The native int4 kernel is no faster than torch's at one row
-(unpacking nibbles costs more than reading bytes on this core) but faster at eight.
+Why the native kernels on CPU: the sweep `python benchmarks/bench_quant.py --kernels` (one pass over all
+211 of SmolLM2-135M's weight matrices, at 1 / 8 rows of x; medians of 5 interleaved passes). On this
+project's 2-core AVX-512 Xeon (AMX-BF16, so bf16 runs oneDNN's AMX kernels), after the row-block rewrite
+of qgemm.cpp (2026-12-05): fp32 (oneDNN, packed) 29 / 36 ms, bf16 19 / 18 ms, torch's int4 kernel
+9.3 / 25.5 ms and its two-halves int8 17.6 / 45.8 ms (both fed bf16 activations), native int8
+12.6 / 18.2 ms, native int4 9.2 / 16.2 ms (fp32 activations). On the 2-core AVX2 Zen 1 machine the
+project ran on before (the earlier row-major kernels): fp32 44 / 64-73 ms, bf16 F.linear 59 / 244 ms,
+torch int4 31 / 88-121 ms, native int8 26-34 / 65-68 ms. The torch kernels need bf16 activations (with
+fp32 ones they fall to a scalar path), which cost about one point of greedy agreement; the native ones
+read fp32 activations and widen the weights in registers, so they are both faster and exact to fp32
+rounding.
 bitsandbytes on CPU dequantizes per call and was slower than fp32 (measured when the versions were
 pinned: 4.4 / 6.0 ms against 3.4 ms for a 1024x1024 layer at 32 rows): it is kept for nf4/fp4
 because it is QLoRA's own arithmetic. Every int kernel is compute-bound past a few dozen rows, so

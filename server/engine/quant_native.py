@@ -1,10 +1,12 @@
 """Quantized base matrices on the native CPU kernels (server/engine/native/qgemm.cpp).
 
-Same checkpoint tensors as the torch kinds in quant_kernels.py, repacked once at load; activations
-stay in fp32 end to end (x in another dtype is widened for the base matmul and the result cast back).
-Long prefill chunks (DEQUANT_ROWS rows and more) dequantize the matrix into a scratch fp32 buffer and
-run one oneDNN matmul instead: past a few dozen rows that is faster than re-widening every weight per
-block of eight rows (measured by `python benchmarks/bench_quant.py --kernels`).
+Same checkpoint tensors as the torch kinds in quant_kernels.py, repacked once at load into row blocks
+(to_blocks); activations stay in fp32 end to end (x in another dtype is widened for the base matmul and
+the result cast back). Chunks of DEQUANT_ROWS rows and more (long prefills) dequantize the matrix into a
+scratch fp32 buffer with one native pass and run one fp32 GEMM instead: `python benchmarks/bench_quant.py
+--kernels --kernel-rows 8,32,64,128` on this project's AVX-512 Xeon (2026-12-05), a pass over
+SmolLM2-135M's matrices: native int8 19 / 81 / 101 / 181 ms at 8 / 32 / 64 / 128 rows, the dequantized
+GEMM 98 / 156 / 159 / 217 ms (native int4 241 ms at 128 rows): the two meet near 128 rows.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 from adapters.quantized import unpack_int4
 from server.engine.native import QGemmLibrary
 
-DEQUANT_ROWS = 64  # rows (tokens) from which dequantize + fp32 matmul beats the native kernels
+DEQUANT_ROWS = 128  # rows (tokens) from which dequantize + one fp32 GEMM beats the native kernels
 
 
 def _fp32_rows(x: torch.Tensor) -> torch.Tensor:
@@ -58,8 +60,13 @@ class _NativeMatrix:
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         flat = _fp32_rows(x)
-        if flat.shape[0] >= self.dequant_rows:
-            out = F.linear(flat, self.dequantize())
+        if flat.shape[0] >= self.dequant_rows:  # a long prefill chunk: one fp32 GEMM on the dequantized matrix
+            blocks = self.ROW_TENSORS[0]
+            transposed = torch.empty(self.in_features, getattr(self, blocks).shape[0] * self.lib.vector_width)
+            self._dequant_t(transposed)
+            out = flat @ transposed
+            if out.shape[1] != self.out_features:
+                out = out[:, : self.out_features].contiguous()
         else:
             out = torch.empty(flat.shape[0], self.out_features, dtype=torch.float32)
             self._gemm(flat, out)
@@ -70,6 +77,10 @@ class _NativeMatrix:
         return out if x.dim() == 2 else out.view(*x.shape[:-1], self.out_features)
 
     def _gemm(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _dequant_t(self, out: torch.Tensor) -> None:
+        """out fp32 [K, N padded to whole blocks] = the matrix transposed (qgemm.cpp's dequant_t)."""
         raise NotImplementedError
 
     def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -104,6 +115,10 @@ class NativeInt8(_NativeMatrix):
     def _gemm(self, x: torch.Tensor, out: torch.Tensor) -> None:
         self.lib.gemm_u8g(x, self.qweight, self.scales, self.mins, self.group_size, out)
 
+    def _dequant_t(self, out: torch.Tensor) -> None:
+        self.lib.dequant_u8g(self.qweight, self.scales, self.mins, self.out_features, self.in_features,
+                             self.group_size, out)
+
     def _values(self, ids: torch.Tensor | None) -> torch.Tensor:
         q, scales, mins = (from_blocks(t, self.out_features, ids) for t in (self.qweight, self.scales, self.mins))
         n, groups = q.shape[0], self.in_features // self.group_size
@@ -130,6 +145,10 @@ class NativeInt4(_NativeMatrix):
     def _gemm(self, x: torch.Tensor, out: torch.Tensor) -> None:
         self.lib.gemm_u4g(x, self.packed, self.scales, self.mins, self.group_size, out)
 
+    def _dequant_t(self, out: torch.Tensor) -> None:
+        self.lib.dequant_u4g(self.packed, self.scales, self.mins, self.out_features, self.in_features,
+                             self.group_size, out)
+
     def _values(self, ids: torch.Tensor | None) -> torch.Tensor:
         packed, scales, mins = (from_blocks(t, self.out_features, ids) for t in (self.packed, self.scales, self.mins))
         n, groups = packed.shape[0], self.in_features // self.group_size
@@ -153,6 +172,9 @@ class NativeInt8Channel(_NativeMatrix):
 
     def _gemm(self, x: torch.Tensor, out: torch.Tensor) -> None:
         self.lib.gemm_i8c(x, self.qweight, self.scales, out)
+
+    def _dequant_t(self, out: torch.Tensor) -> None:
+        self.lib.dequant_i8c(self.qweight, self.scales, self.out_features, self.in_features, out)
 
     def _values(self, ids: torch.Tensor | None) -> torch.Tensor:
         q = from_blocks(self.qweight, self.out_features, ids)

@@ -122,7 +122,7 @@ def test_shapes_the_kernels_do_not_take_stay_on_torch(lib):
     weight = torch.randn(45, 100, generator=generator)
     matrix = NativeInt8Channel(lib, **quantize_int8_channel(weight))
     reference = dequantize("int8_channel", quantize_int8_channel(weight))
-    for rows in (1, 5, 8, 11):
+    for rows in (1, 5, 8, 11, matrix.dequant_rows + 1):  # the last: the dequantized GEMM
         x = torch.randn(rows, 100, generator=generator)
         assert _relative_error(matrix.matmul(x, None), x.double() @ reference.double().t()) < FP32_TOLERANCE
 

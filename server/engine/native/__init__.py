@@ -24,7 +24,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("qgemm.cpp")
-ABI_VERSION = 2
+ABI_VERSION = 3
 CXX_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 COMPILE_TIMEOUT_S = 120
 
@@ -33,6 +33,9 @@ _SIGNATURES = {
     "lp_gemm_u8g": [_P, _I, _I, _P, _P, _P, _I, _I, _P, _T],
     "lp_gemm_u4g": [_P, _I, _I, _P, _P, _P, _I, _I, _P, _T],
     "lp_gemm_i8c": [_P, _I, _I, _P, _P, _I, _P, _T],
+    "lp_dequant_u8g": [_P, _P, _P, _I, _I, _I, _P, _T],
+    "lp_dequant_u4g": [_P, _P, _P, _I, _I, _I, _P, _T],
+    "lp_dequant_i8c": [_P, _P, _I, _I, _P, _T],
 }
 
 
@@ -61,6 +64,21 @@ class QGemmLibrary:
     def gemm_i8c(self, x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> None:
         self.lib.lp_gemm_i8c(x.data_ptr(), x.shape[0], x.shape[1], q.data_ptr(), scales.data_ptr(), out.shape[1],
                              out.data_ptr(), torch.get_num_threads())
+
+
+    def dequant_u8g(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, n: int, k: int, group: int,
+                    out: torch.Tensor) -> None:
+        """out fp32 [K, N padded to whole blocks]: the matrix transposed (for one fp32 GEMM)."""
+        self.lib.lp_dequant_u8g(q.data_ptr(), scales.data_ptr(), mins.data_ptr(), n, k, group, out.data_ptr(),
+                                torch.get_num_threads())
+
+    def dequant_u4g(self, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, n: int, k: int, group: int,
+                    out: torch.Tensor) -> None:
+        self.lib.lp_dequant_u4g(q.data_ptr(), scales.data_ptr(), mins.data_ptr(), n, k, group, out.data_ptr(),
+                                torch.get_num_threads())
+
+    def dequant_i8c(self, q: torch.Tensor, scales: torch.Tensor, n: int, k: int, out: torch.Tensor) -> None:
+        self.lib.lp_dequant_i8c(q.data_ptr(), scales.data_ptr(), n, k, out.data_ptr(), torch.get_num_threads())
 
 
 def _compiler() -> str:

@@ -116,6 +116,15 @@ struct U8g {  // G even
     const float* mb = mins + b * r.groups * W;
     add_offsets<MB>(acc[0], r, [&](int64_t g) { return vload(mb + g * W); });
   }
+  // block b's weights, transposed: out[k * ld + j] = w[bW + j, k]
+  LP_INLINE void dequant(int64_t b, int64_t K, float* out, int64_t ld) const {
+    const int64_t groups = K / G;
+    const uint8_t* qb = q + b * K * W;
+    for (int64_t g = 0; g < groups; ++g) {
+      const vf s = vload(scale + (b * groups + g) * W), mn = vload(mins + (b * groups + g) * W);
+      for (int64_t k = g * G; k < (g + 1) * G; ++k) vstore(out + k * ld, vfma(bytes_u8(load_w(qb + k * W)), s, mn));
+    }
+  }
 };
 
 struct U4g {
@@ -135,6 +144,18 @@ struct U4g {
     const uint16_t* mb = mins + b * r.groups * W;
     add_offsets<MB>(acc[0], r, [&](int64_t g) { return halves(mb + g * W); });
   }
+  LP_INLINE void dequant(int64_t b, int64_t K, float* out, int64_t ld) const {
+    const int64_t groups = K / G;
+    const uint8_t* qb = q + b * (K / 2) * W;
+    for (int64_t g = 0; g < groups; ++g) {
+      const vf s = halves(scale + (b * groups + g) * W), mn = halves(mins + (b * groups + g) * W);
+      for (int64_t k = g * G; k < (g + 1) * G; k += 2) {
+        const __m128i bytes = load_w(qb + (k / 2) * W);
+        vstore(out + k * ld, vfma(bytes_u8(low_nibbles(bytes)), s, mn));
+        vstore(out + (k + 1) * ld, vfma(bytes_u8(high_nibbles(bytes)), s, mn));
+      }
+    }
+  }
 };
 
 struct I8c {
@@ -153,6 +174,11 @@ struct I8c {
     for (int j = 0; j < SPLIT<MB>; ++j)
 #pragma GCC unroll 16
       for (int i = 0; i < MB; ++i) acc[j][i] = vmul(acc[j][i], s);
+  }
+  LP_INLINE void dequant(int64_t b, int64_t K, float* out, int64_t ld) const {
+    const int8_t* qb = q + b * K * W;
+    const vf s = vload(scale + b * W);
+    for (int64_t k = 0; k < K; ++k) vstore(out + k * ld, vmul(bytes_i8(load_w(qb + k * W)), s));
   }
 };
 
@@ -200,11 +226,20 @@ void gemm(const Kind& kind, const float* x, int64_t M, int64_t K, int64_t N, int
   }
 }
 
+// The whole matrix, transposed and padded to whole blocks: out fp32 [K, ceil(N / W) * W] (long prefill
+// chunks multiply x by it with one fp32 GEMM; writing W contiguous floats a store is what makes it fast)
+template <class Kind>
+void dequant_t(const Kind& kind, int64_t K, int64_t N, float* out, int threads) {
+  const int64_t blocks = (N + W - 1) / W, ld = blocks * W;
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t b = 0; b < blocks; ++b) kind.dequant(b, K, out + b * W, ld);
+}
+
 }  // namespace
 
 extern "C" {
 
-int lp_abi_version() { return 2; }
+int lp_abi_version() { return 3; }
 
 int lp_vector_width() { return W; }
 
@@ -221,6 +256,20 @@ void lp_gemm_u4g(const float* x, int64_t M, int64_t K, const uint8_t* q, const u
 void lp_gemm_i8c(const float* x, int64_t M, int64_t K, const int8_t* q, const float* scale, int64_t N, float* out,
                  int threads) {
   gemm(I8c{q, scale}, x, M, K, N, K, out, threads);
+}
+
+void lp_dequant_u8g(const uint8_t* q, const float* scale, const float* mins, int64_t N, int64_t K, int64_t G,
+                    float* out, int threads) {
+  dequant_t(U8g{q, scale, mins, G}, K, N, out, threads);
+}
+
+void lp_dequant_u4g(const uint8_t* q, const uint16_t* scale, const uint16_t* mins, int64_t N, int64_t K, int64_t G,
+                    float* out, int threads) {
+  dequant_t(U4g{q, scale, mins, G}, K, N, out, threads);
+}
+
+void lp_dequant_i8c(const int8_t* q, const float* scale, int64_t N, int64_t K, float* out, int threads) {
+  dequant_t(I8c{q, scale}, K, N, out, threads);
 }
 
 }  // extern "C"
